@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine with Python >= 3.10 and make:
+#   make demo   create .venv, install mbv2train, run the demo job
+#   make test   create .venv, install mbv2train with its test tools, run the tests
+# Both reuse .venv on a second run. Set TORCH_SPEC to install another torch build,
+# e.g. make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+
+.PHONY: demo test clean
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/mbv2 summary
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-torch: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	touch $@
+
+$(VENV)/.installed-demo: pyproject.toml $(VENV)/.installed-torch
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-torch
+	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,123 @@
+"""The ``mbv2`` command: parses options and calls one function per command.
+
+torch is imported inside the commands that need it, so ``mbv2 --help`` and config errors answer at
+once instead of after the second or more that importing torch takes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mbv2train import __version__
+from mbv2train.errors import UserError
+
+app = typer.Typer(
+    help="Train, evaluate and inspect MobileNetV2 (Sandler et al., 2018) on ImageNet-style image folders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and check YAML configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="YAML config file; settings it leaves out keep their defaults.")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override one setting, e.g. --set model.width_mult=0.75 (repeatable).")]
+
+
+def reports_user_errors(command):
+    """Turn the project's UserError into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"mbv2train {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Train, evaluate and inspect MobileNetV2 (Sandler et al., 2018) on ImageNet-style image folders."""
+
+
+@app.command()
+@reports_user_errors
+def summary(
+    config: ConfigOption = None,
+    width_mult: Annotated[Optional[float], typer.Option(
+        help="Width multiplier (overrides model.width_mult).")] = None,
+    image_size: Annotated[int, typer.Option(min=1, max=4096, help="Input height and width in pixels.")] = 224,
+    num_classes: Annotated[Optional[int], typer.Option(
+        help="Number of classes (overrides model.num_classes).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for the shapes and batch totals.")] = 1,
+    depth: Annotated[int, typer.Option(
+        min=0, help="How many levels of the module tree the table shows (0: the model only).")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    show_grid: Annotated[bool, typer.Option(
+        "--grid", help="Parameters and multiply-adds for widths 0.35-1.4 at 96-224 px, as one table.")] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Print the layer table, parameter count and multiply-adds of MobileNetV2."""
+    from mbv2train.config import load_config
+
+    cfg = load_config(config, overrides or [], options={"model.width_mult": ("--width-mult", width_mult),
+                                                         "model.num_classes": ("--num-classes", num_classes)})
+
+    from mbv2train import summary as summ  # torch comes in here
+
+    if show_grid:
+        cells = summ.grid(num_classes=cfg.model.num_classes)
+        if as_json:
+            typer.echo(json.dumps({"num_classes": cfg.model.num_classes, "cells": cells}))
+        else:
+            typer.echo(summ.format_grid(cells, cfg.model.num_classes))
+        return
+
+    result = summ.summarize_config(cfg.model, image_size=image_size, batch_size=batch_size, depth=depth)
+    if as_json:
+        typer.echo(json.dumps({"model": "MobileNetV2", "width_mult": cfg.model.width_mult,
+                               "num_classes": cfg.model.num_classes, **result.to_dict()}))
+    else:
+        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {cfg.model.num_classes} classes, "
+                 f"input {'x'.join(map(str, result.input_size))}")
+        typer.echo(summ.format_summary(result, title))
+
+
+@config_app.command("show")
+@reports_user_errors
+def config_show(config: ConfigOption = None, overrides: SetOption = None) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    import yaml
+
+    from mbv2train.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+
+
+def main() -> None:
+    app(prog_name="mbv2")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
