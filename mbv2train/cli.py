@@ -6,6 +6,7 @@ once instead of after the second or more that importing torch takes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -85,20 +86,23 @@ def summary(
 
     from mbv2train import summary as summ  # torch comes in here
 
+    num_classes = cfg.model.num_classes or 1000  # unset means "from the data"; summary has none
+
     if show_grid:
-        cells = summ.grid(num_classes=cfg.model.num_classes)
+        cells = summ.grid(num_classes=num_classes)
         if as_json:
-            typer.echo(json.dumps({"num_classes": cfg.model.num_classes, "cells": cells}))
+            typer.echo(json.dumps({"num_classes": num_classes, "cells": cells}))
         else:
-            typer.echo(summ.format_grid(cells, cfg.model.num_classes))
+            typer.echo(summ.format_grid(cells, num_classes))
         return
 
-    result = summ.summarize_config(cfg.model, image_size=image_size, batch_size=batch_size, depth=depth)
+    model_cfg = dataclasses.replace(cfg.model, num_classes=num_classes)
+    result = summ.summarize_config(model_cfg, image_size=image_size, batch_size=batch_size, depth=depth)
     if as_json:
         typer.echo(json.dumps({"model": "MobileNetV2", "width_mult": cfg.model.width_mult,
-                               "num_classes": cfg.model.num_classes, **result.to_dict()}))
+                               "num_classes": num_classes, **result.to_dict()}))
     else:
-        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {cfg.model.num_classes} classes, "
+        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {num_classes} classes, "
                  f"input {'x'.join(map(str, result.input_size))}")
         typer.echo(summ.format_summary(result, title))
 

@@ -1,35 +1,21 @@
-"""Run configuration: frozen dataclasses, filled from a YAML file and ``--set section.key=value`` overrides.
+"""Run configuration: frozen dataclasses, one per YAML section, and ``load_config``.
 
-Loading is strict, because a typo in a recipe otherwise costs days of training with a default nobody
-chose: an unknown section or key, a value of the wrong type, or a value out of range raises
-``ConfigError`` naming the file (or the override), the key and the value.
-
-Each section is a dataclass whose fields are declared with ``setting(...)``: a default, a one-line help
-text with the unit, and optional bounds. Adding a section means adding a dataclass and a field on
-``Config``; the loader needs no change.
+Every key has a default, so a YAML file names only what it changes. Reading is strict (see
+yaml_schema.py); checks that involve several keys live in ``Config.validate``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
-import yaml
-
+from mbv2train import yaml_schema
 from mbv2train.errors import ConfigError
+from mbv2train.yaml_schema import setting
 
-
-def setting(default: Any, help: str, *, gt=None, ge=None, lt=None, le=None) -> Any:
-    """Declare a config field: its default, what it does (with unit), and the bounds a value must meet."""
-    bounds = {name: bound for name, bound in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if bound is not None}
-    return field(default=default, metadata={"help": help, "bounds": bounds})
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
+           "TrainConfig", "describe_settings", "load_config"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +24,107 @@ class ModelConfig:
 
     width_mult: float = setting(1.0, "width multiplier on every layer's channels (paper: 0.35 to 1.4)", gt=0)
     dropout: float = setting(0.2, "dropout probability before the classifier", ge=0, lt=1)
-    num_classes: int = setting(1000, "number of classes the classifier predicts", ge=1)
+    num_classes: Optional[int] = setting(
+        None, "number of classes; null: the number of class folders in the training data (1000 for summary)",
+        ge=1)
     round_nearest: int = setting(8, "channel counts are rounded to a multiple of this", ge=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are, how they are augmented, and how they are batched."""
+
+    root: Optional[str] = setting(None, "dataset folder holding one folder per split (see train_split, val_split)")
+    train_split: str = setting("train", "name of the training folder under root")
+    val_split: str = setting("val", "name of the validation folder under root")
+    train_dir: Optional[str] = setting(None, "training folder (one subfolder per class); overrides root")
+    val_dir: Optional[str] = setting(None, "validation folder (one subfolder per class); overrides root")
+    image_size: int = setting(224, "training crop size in pixels (RandomResizedCrop output)", ge=8)
+    scale: tuple[float, ...] = setting((0.08, 1.0), "RandomResizedCrop area range, fractions of the image",
+                                       gt=0, le=1)
+    ratio: tuple[float, ...] = setting((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range", gt=0)
+    hflip: float = setting(0.5, "probability of a horizontal flip", ge=0, le=1)
+    auto_augment: Literal["none", "autoaugment", "randaugment", "trivialaugment"] = setting(
+        "none", "policy augmentation: none, autoaugment (ImageNet policy), randaugment, trivialaugment (Wide)")
+    random_erasing: float = setting(0.0, "probability of RandomErasing per training image", ge=0, le=1)
+    mixup_alpha: float = setting(0.0, "MixUp Beta(alpha, alpha) parameter; 0 turns MixUp off", ge=0)
+    cutmix_alpha: float = setting(0.0, "CutMix Beta(alpha, alpha) parameter; 0 turns CutMix off", ge=0)
+    val_resize: int = setting(256, "validation images are resized so their short side has this many pixels", ge=8)
+    val_crop: int = setting(224, "validation center crop in pixels", ge=8)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = setting(
+        "bilinear", "resampling filter for the train crop and the val resize")
+    mean: tuple[float, ...] = setting((0.485, 0.456, 0.406), "per-channel mean (RGB, 0-1 scale) subtracted")
+    std: tuple[float, ...] = setting((0.229, 0.224, 0.225), "per-channel std (RGB, 0-1 scale) divided by", gt=0)
+    batch_size: int = setting(32, "training images per step per process (global batch = this x processes)", ge=1)
+    val_batch_size: Optional[int] = setting(None, "validation batch size per process; null: batch_size", ge=1)
+    num_workers: int = setting(4, "data-loading worker processes per training process", ge=0)
+    pin_memory: bool = setting(True, "page-locked host memory for faster copies (CUDA only)")
+    persistent_workers: bool = setting(True, "keep workers alive between epochs")
+    prefetch_factor: int = setting(2, "batches each worker loads ahead", ge=1)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer and its hyper-parameters."""
+
+    name: Literal["sgd", "rmsprop", "adamw"] = setting("sgd", "sgd, rmsprop or adamw")
+    lr: float = setting(0.045, "peak learning rate (at lr_reference_batch when that is set)", gt=0)
+    lr_reference_batch: Optional[int] = setting(
+        None, "if set, lr is scaled by global batch / this (linear scaling rule); null: lr is used as is", ge=1)
+    momentum: float = setting(0.9, "momentum for sgd and rmsprop", ge=0, lt=1)
+    nesterov: bool = setting(False, "Nesterov momentum (sgd)")
+    weight_decay: float = setting(4e-5, "L2 weight decay (decoupled for adamw)", ge=0)
+    norm_weight_decay: Optional[float] = setting(
+        None, "weight decay for BatchNorm weights and biases; null: weight_decay", ge=0)
+    bias_weight_decay: Optional[float] = setting(
+        None, "weight decay for conv and linear biases; null: weight_decay", ge=0)
+    alpha: float = setting(0.9, "rmsprop: decay of the squared-gradient average (TensorFlow's 'decay')",
+                           gt=0, lt=1)
+    eps: float = setting(0.0316, "rmsprop/adamw epsilon, added outside the square root (PyTorch style)", gt=0)
+    betas: tuple[float, ...] = setting((0.9, 0.999), "adamw beta1, beta2", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning rate over time; stepped every iteration, so epochs may be fractional."""
+
+    name: Literal["cosine", "exponential", "step", "constant"] = setting(
+        "cosine", "decay after warmup: cosine, exponential (x gamma per epoch), step, constant")
+    warmup_epochs: float = setting(0.0, "linear warmup length in epochs", ge=0)
+    warmup_start_factor: float = setting(0.01, "warmup starts at lr x this", gt=0, le=1)
+    min_lr: float = setting(0.0, "cosine: lr at the last step", ge=0)
+    gamma: float = setting(0.98, "exponential: factor per epoch; step: factor per step_epochs", gt=0, le=1)
+    step_epochs: float = setting(30.0, "step: epochs between multiplications by gamma", gt=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: length, precision, regularization, checkpoints and logging."""
+
+    epochs: int = setting(300, "number of epochs", ge=1)
+    seed: int = setting(0, "seed for initialization, shuffling, augmentation and dropout", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: cuda when available, else cpu")
+    amp: Literal["auto", "none", "bf16", "fp16"] = setting(
+        "auto", "mixed precision; auto: bf16 on CUDA GPUs that support it, fp16 on older ones, none on CPU")
+    channels_last: bool = setting(True, "NHWC memory format (much faster convs on CPU and tensor cores)")
+    compile: bool = setting(False, "torch.compile the model (slower start, faster steps)")
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing", ge=0, lt=1)
+    grad_clip_norm: Optional[float] = setting(None, "clip gradients to this global L2 norm; null: off", gt=0)
+    accum_steps: int = setting(1, "micro-batches accumulated per optimizer step", ge=1)
+    ema: bool = setting(False, "keep an exponential moving average of the weights and evaluate it too")
+    ema_decay: float = setting(0.9999, "EMA decay per update", gt=0, lt=1)
+    ema_every_steps: int = setting(1, "optimizer steps between EMA updates", ge=1)
+    best_metric: Optional[str] = setting(
+        None, "metric whose maximum picks best.pt; null: ema_val_top1 with EMA, else val_top1")
+    output_dir: str = setting("runs/mbv2", "run directory: config, metrics, TensorBoard files, checkpoints")
+    save_every_epochs: int = setting(0, "also keep epoch_N.pt every this many epochs; 0: only last and best",
+                                     ge=0)
+    keep_checkpoints: int = setting(3, "how many epoch_N.pt copies to keep (oldest go first)", ge=1)
+    log_every_steps: int = setting(50, "steps between log lines when output is not a terminal", ge=1)
+    tb_images: int = setting(16, "augmented training images shown in TensorBoard at start; 0: none", ge=0)
+
+
+BEST_METRICS = ("val_top1", "val_top5", "ema_val_top1", "ema_val_top5")
 
 
 @dataclass(frozen=True)
@@ -47,16 +132,48 @@ class Config:
     """Everything a run needs. Each field is one section of the YAML file."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (lists instead of tuples), fit for YAML, JSON and checkpoints."""
-        return _plain(dataclasses.asdict(self))
+        return yaml_schema.plain(self)
 
+    def best_metric(self) -> str:
+        return self.train.best_metric or ("ema_val_top1" if self.train.ema else "val_top1")
 
-def section_classes() -> dict[str, type]:
-    """Section name -> the dataclass that holds it."""
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+    def validate(self, where: str) -> None:
+        """Checks that involve more than one key; raises ConfigError prefixed with ``where``."""
+        d, o, s, t = self.data, self.optim, self.schedule, self.train
+        problems = []
+        for key, pair in (("data.scale", d.scale), ("data.ratio", d.ratio)):
+            if len(pair) != 2 or pair[0] > pair[1]:
+                problems.append(f"{key}: must be two numbers [low, high], got {list(pair)}")
+        if len(o.betas) != 2:
+            problems.append(f"optim.betas: must be two numbers [beta1, beta2], got {list(o.betas)}")
+        for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+            if len(values) != 3:
+                problems.append(f"{key}: must be three numbers (R, G, B), got {list(values)}")
+        if d.val_crop > d.val_resize:
+            problems.append(f"data.val_crop: {d.val_crop} is larger than data.val_resize {d.val_resize}")
+        if d.train_split == d.val_split and d.train_dir is None and d.val_dir is None:
+            problems.append(f"data.val_split: same folder as data.train_split ('{d.train_split}')")
+        if s.warmup_epochs >= t.epochs:
+            problems.append(f"schedule.warmup_epochs: {s.warmup_epochs:g} is not shorter than "
+                            f"train.epochs {t.epochs}")
+        if s.name == "cosine" and s.min_lr > o.lr:
+            problems.append(f"schedule.min_lr: {s.min_lr:g} is above optim.lr {o.lr:g}")
+        if o.nesterov and (o.name != "sgd" or o.momentum == 0):
+            problems.append("optim.nesterov: needs optim.name sgd with momentum > 0")
+        if t.best_metric is not None and t.best_metric not in BEST_METRICS:
+            problems.append(f"train.best_metric: must be one of {', '.join(BEST_METRICS)}; "
+                            f"got {t.best_metric!r}")
+        elif self.best_metric().startswith("ema_") and not t.ema:
+            problems.append(f"train.best_metric: {self.best_metric()} needs train.ema: true")
+        if problems:
+            raise ConfigError(f"{where}: {problems[0]}")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -67,211 +184,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     option that set it and its value, e.g. {"model.width_mult": ("--width-mult", 0.5)}; they apply last,
     and a None value is skipped.
     """
-    raw: dict[str, dict[str, Any]] = {}
-    origin: dict[tuple[str, str], str] = {}  # (section, key) -> where its value came from, for messages
-    if path is not None:
-        where = str(path)
-        for section, values in _read_file(Path(path)).items():
-            raw[section] = dict(values)
-            origin.update({(section, key): where for key in values})
-    for item in overrides:
-        section, key, value = parse_override(item)
-        raw.setdefault(section, {})[key] = value
-        origin[(section, key)] = f"--set {item}"
-    for dotted, (option, value) in (options or {}).items():
-        if value is None:
-            continue
-        section, key = dotted.split(".")
-        raw.setdefault(section, {})[key] = value
-        origin[(section, key)] = f"{option} {value}"
-    return _build(raw, origin)
+    cfg = yaml_schema.load(Config, path, overrides, options)
+    cfg.validate(str(path) if path is not None else "config")
+    return cfg
 
 
-def parse_override(item: str) -> tuple[str, str, Any]:
-    """Split ``section.key=value`` and parse the value as a YAML scalar (so 0.5, true, 1e-4 get their types)."""
-    name, sep, text = item.partition("=")
-    parts = name.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {item}: expected section.key=value, for example model.width_mult=0.75")
-    section, key = parts
-    _check_name(section, key, f"--set {item}")
-    try:
-        value = yaml.load(text, Loader=StrictLoader) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item}: value is not valid YAML ({_one_line(exc)})") from None
-    return section, key, value
+def config_from_dict(data: dict[str, Any], where: str) -> Config:
+    """A Config from a plain dict, e.g. the one a checkpoint stores; validated like a file."""
+    cfg = yaml_schema.load_dict(Config, data, where)
+    cfg.validate(where)
+    return cfg
 
 
 def describe_settings() -> list[dict[str, Any]]:
     """Every config key with its type, default and help text, for reference tables."""
-    rows = []
-    for section, cls in section_classes().items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            rows.append({"key": f"{section}.{f.name}", "type": _type_name(hints[f.name]),
-                         "default": _plain(f.default), "help": f.metadata.get("help", "")})
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------
-# YAML reading
-
-
-class StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and reads 1e-4 as a float, not the string YAML 1.1 makes it."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _read_file(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {_one_line(exc)}") from None
-    try:
-        data = yaml.load(text, Loader=StrictLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {_one_line(exc)}") from None
-    if data is None:  # an empty file: every default
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (like 'model:'), "
-                          f"got {_type_name(type(data))}")
-    for section, values in data.items():
-        _check_name(str(section), None, str(path))
-        if values is None:  # "model:" with nothing under it
-            data[section] = {}
-        elif not isinstance(values, dict):
-            raise ConfigError(f"{path}: section '{section}' must be a mapping of keys, "
-                              f"got {_type_name(type(values))} {values!r}")
-        for key in data[section]:
-            _check_name(str(section), str(key), str(path))
-    return data
-
-
-def _one_line(exc: Exception) -> str:
-    """YAML and OS errors span several lines; a user gets one."""
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return " ".join(str(exc).split())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check_name(section: str, key: str | None, where: str) -> None:
-    sections = section_classes()
-    if section not in sections:
-        raise ConfigError(f"{where}: unknown section '{section}'{_suggest(section, sections)}")
-    if key is not None:
-        keys = [f.name for f in dataclasses.fields(sections[section])]
-        if key not in keys:
-            raise ConfigError(f"{where}: unknown key '{section}.{key}'"
-                              f"{_suggest(key, keys, prefix=section + '.')}")
-
-
-def _suggest(name: str, valid: Iterable[str], prefix: str = "") -> str:
-    valid = list(valid)
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
-    return f" (valid: {', '.join(prefix + v for v in valid)})"
-
-
-def _build(raw: dict[str, dict[str, Any]], origin: dict[tuple[str, str], str]) -> Config:
-    sections = {}
-    for section, cls in section_classes().items():
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in raw.get(section, {}):
-                continue
-            where = origin[(section, f.name)]
-            key = f"{section}.{f.name}"
-            value = _coerce(raw[section][f.name], hints[f.name], f"{where}: {key}")
-            _check_bounds(value, f.metadata.get("bounds", {}), f"{where}: {key}")
-            values[f.name] = value
-        sections[section] = cls(**values)
-    return Config(**sections)
-
-
-def _coerce(value: Any, expected: Any, what: str) -> Any:
-    """Return ``value`` as the annotated type, or raise ConfigError. Ints widen to floats, nothing else."""
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], what)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{what}: must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{what}: expected a list, got {_type_name(type(value))} {value!r}")
-        item_type = args[0] if args else Any
-        return tuple(_coerce(v, item_type, f"{what}[{i}]") for i, v in enumerate(value))
-    if expected is Any:
-        return value
-    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"{what}: must be a finite number, got {value!r}")
-        return float(value)
-    if expected in (int, str, bool) and type(value) is expected:
-        return value
-    raise ConfigError(f"{what}: expected {_type_name(expected)}, got {_type_name(type(value))} {value!r}")
-
-
-def _check_bounds(value: Any, bounds: dict[str, float], what: str) -> None:
-    if value is None:
-        return
-    tests = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="),
-             "lt": (lambda v, b: v < b, "<"), "le": (lambda v, b: v <= b, "<=")}
-    for name, bound in bounds.items():
-        ok, symbol = tests[name]
-        for v in value if isinstance(value, tuple) else (value,):
-            if not ok(v, bound):
-                raise ConfigError(f"{what}: must be {symbol} {bound}, got {value!r}")
-
-
-def _type_name(t: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "a list", tuple: "a list", dict: "a mapping", type(None): "nothing (null)"}
-    if t in names:
-        return names[t]
-    origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, args))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin in (tuple, list):
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    return getattr(t, "__name__", str(t))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return yaml_schema.describe(Config)

@@ -11,3 +11,11 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config file or override is unreadable, malformed, or names a bad key or value."""
+
+
+class DataError(UserError):
+    """A dataset folder is missing, empty, laid out wrongly, or disagrees with the model or checkpoint."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable, or does not fit the run it is loaded into."""

@@ -9,7 +9,7 @@ from mbv2train.config import Config, ConfigError, ModelConfig, describe_settings
 def test_defaults_without_a_file():
     cfg = load_config(None)
     assert cfg == Config()
-    assert cfg.model == ModelConfig(width_mult=1.0, dropout=0.2, num_classes=1000, round_nearest=8)
+    assert cfg.model == ModelConfig(width_mult=1.0, dropout=0.2, num_classes=None, round_nearest=8)
 
 
 def test_file_values_are_read_and_missing_keys_keep_defaults(write_yaml):
@@ -76,7 +76,7 @@ BAD_FILES = {
     "num_classes_zero": ("model:\n  num_classes: 0\n", ["model.num_classes", "must be >= 1"]),
     "num_classes_float": ("model:\n  num_classes: 10.5\n", ["model.num_classes", "expected an integer"]),
     "num_classes_bool": ("model:\n  num_classes: true\n", ["model.num_classes", "expected an integer", "True"]),
-    "num_classes_null": ("model:\n  num_classes: null\n", ["model.num_classes", "expected an integer"]),
+    "num_classes_string": ("model:\n  num_classes: ten\n", ["model.num_classes", "expected an integer"]),
     "duplicate_key": ("model:\n  dropout: 0.1\n  dropout: 0.3\n", ["duplicate key 'dropout'", "line 3"]),
 }
 
@@ -111,7 +111,7 @@ BAD_OVERRIDES = {
     "unknown_section": ("modle.width_mult=1.0", ["unknown section 'modle'", "did you mean 'model'"]),
     "unknown_key": ("model.dropuot=0.1", ["unknown key 'model.dropuot'", "did you mean 'model.dropout'"]),
     "wrong_type": ("model.width_mult=abc", ["--set model.width_mult=abc", "expected a number"]),
-    "empty_value": ("model.num_classes=", ["model.num_classes", "expected an integer"]),
+    "empty_value": ("model.width_mult=", ["model.width_mult", "expected a number"]),
     "out_of_range": ("model.dropout=1.5", ["--set model.dropout=1.5", "must be < 1"]),
     "bad_yaml_value": ("model.width_mult=[1", ["--set model.width_mult=[1", "not valid YAML"]),
 }
@@ -157,13 +157,14 @@ def test_config_show_prints_the_resolved_config(cli, write_yaml):
     result = cli("config", "show", "--config", path, "--set", "model.num_classes=10")
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.stdout)
-    assert shown == {"model": {"width_mult": 0.5, "dropout": 0.2, "num_classes": 10, "round_nearest": 8}}
+    assert shown["model"] == {"width_mult": 0.5, "dropout": 0.2, "num_classes": 10, "round_nearest": 8}
+    assert shown["train"]["epochs"] == Config().train.epochs
 
 
 def test_command_line_options_apply_last_and_are_named_in_errors(write_yaml):
     path = write_yaml("model:\n  width_mult: 0.5\n")
     cfg = load_config(path, ["model.width_mult=0.75"], options={"model.width_mult": ("--width-mult", 1.4),
                                                                 "model.num_classes": ("--num-classes", None)})
-    assert cfg.model.width_mult == 1.4 and cfg.model.num_classes == 1000
+    assert cfg.model.width_mult == 1.4 and cfg.model.num_classes is None
     with pytest.raises(ConfigError, match=r"^--num-classes 0: model.num_classes: must be >= 1, got 0$"):
         load_config(path, options={"model.num_classes": ("--num-classes", 0)})
