@@ -26,6 +26,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and check YAML configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Datasets: write the demo dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 ConfigOption = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML config file; settings it leaves out keep their defaults.")]
@@ -59,6 +61,76 @@ def root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Train, evaluate and inspect MobileNetV2 (Sandler et al., 2018) on ImageNet-style image folders."""
+
+
+@app.command()
+@reports_user_errors
+def train(
+    config: ConfigOption = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Dataset folder with train/ and val/ inside (sets data.root).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(
+        help="Run directory for checkpoints, metrics and TensorBoard files (sets train.output_dir).")] = None,
+    overrides: SetOption = None,
+    resume: Annotated[Optional[str], typer.Option(
+        help="'auto': continue from last.pt in the run directory if there is one; or a checkpoint path.")] = None,
+) -> None:
+    """Train MobileNetV2 on an ImageNet-style folder (one subfolder per class)."""
+    from mbv2train.config import load_config
+
+    cfg = load_config(config, overrides or [], options={
+        "data.root": ("--data", str(data) if data is not None else None),
+        "train.output_dir": ("--output-dir", str(output_dir) if output_dir is not None else None)})
+
+    from mbv2train.trainer import fit  # torch comes in here
+
+    fit(cfg, resume=resume)
+
+
+@app.command("eval")
+@reports_user_errors
+def evaluate(
+    ckpt: Annotated[Path, typer.Option(help="Checkpoint from mbv2 train, or a bare MobileNetV2 state dict.")],
+    data: Annotated[Optional[Path], typer.Option(
+        help="Dataset root (its val split is used) or a folder of class folders; "
+             "default: the checkpoint's own data settings.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Use this config's data settings instead of the checkpoint's.")] = None,
+    overrides: SetOption = None,
+    ema: Annotated[Optional[bool], typer.Option(
+        "--ema/--no-ema", help="Evaluate the EMA weights or the raw ones; "
+                               "default: whichever the run's best metric followed.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch.")] = None,
+    width_mult: Annotated[Optional[float], typer.Option(
+        help="Width multiplier of a bare state dict (default 1.0).")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(
+        min=1, help="Classes of a bare state dict (default: read from its classifier).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Report loss, top-1 and top-5 of a checkpoint on a validation folder."""
+    from mbv2train.evaluation import EvalRequest, run_eval
+
+    result = run_eval(EvalRequest(ckpt=ckpt, data=data, config=config, overrides=overrides or [], ema=ema,
+                                  batch_size=batch_size, width_mult=width_mult, num_classes=num_classes))
+    if as_json:
+        typer.echo(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
+                               "images": result["images"], "ema": result["ema"], "ckpt": str(ckpt)}))
+    else:
+        weights = "EMA weights" if result["ema"] else "weights"
+        typer.echo(f"{ckpt} ({weights}) on {result['val_dir']}: top-1 {result['top1']:.4f}  "
+                   f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  images {result['images']}")
+
+
+@data_app.command("demo")
+@reports_user_errors
+def data_demo(dest: Annotated[Path, typer.Argument(help="Folder to write train/ and val/ into.")]) -> None:
+    """Write scikit-learn's handwritten digits (1,797 real scans, 10 classes) as an ImageFolder of PNGs."""
+    from mbv2train.demo_data import write_demo_dataset
+
+    info = write_demo_dataset(dest)
+    state = "written" if info["created"] else "already there"
+    typer.echo(f"digits demo dataset {state}: {dest} ({info['train']} train / {info['val']} val images, "
+               f"{info['classes']} classes)")
 
 
 @app.command()

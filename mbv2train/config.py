@@ -189,9 +189,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     return cfg
 
 
-def config_from_dict(data: dict[str, Any], where: str) -> Config:
-    """A Config from a plain dict, e.g. the one a checkpoint stores; validated like a file."""
-    cfg = yaml_schema.load_dict(Config, data, where)
+def config_from_dict(data: dict[str, Any], where: str, overrides: Sequence[str] = (),
+                     options: dict[str, tuple[str, Any]] | None = None) -> Config:
+    """A Config from a plain dict (e.g. the one a checkpoint saved) plus overrides, checked like a file."""
+    cfg = yaml_schema.load(Config, None, overrides, options, base=(where, data))
     cfg.validate(where)
     return cfg
 

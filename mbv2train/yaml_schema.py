@@ -37,20 +37,25 @@ def section_classes(root: type) -> dict[str, type]:
 
 
 def load(root: type, path: str | Path | None = None, overrides: Sequence[str] = (),
-         options: dict[str, tuple[str, Any]] | None = None) -> Any:
+         options: dict[str, tuple[str, Any]] | None = None, base: tuple[str, Any] | None = None) -> Any:
     """Read ``path`` (or start from the defaults when it is None), apply overrides, validate everything.
 
     ``overrides`` are ``--set section.key=value`` strings. ``options`` maps a dotted key to the command-line
     option that set it and its value, e.g. {"model.width_mult": ("--width-mult", 0.5)}; they apply last,
-    and a None value is skipped.
+    and a None value is skipped. ``base`` = (name, mapping) stands in for the file: an already parsed
+    config, such as the one a checkpoint saved.
     """
     raw: dict[str, dict[str, Any]] = {}
     origin: dict[tuple[str, str], str] = {}  # (section, key) -> where its value came from, for messages
-    if path is not None:
-        where = str(path)
-        for section, values in _read_file(root, Path(path)).items():
-            raw[section] = dict(values)
-            origin.update({(section, key): where for key in values})
+    if base is not None:
+        where, sections = base[0], _check_sections(root, base[1], base[0])
+    elif path is not None:
+        where, sections = str(path), _read_file(root, Path(path))
+    else:
+        where, sections = "", {}
+    for section, values in sections.items():
+        raw[section] = dict(values)
+        origin.update({(section, key): where for key in values})
     for item in overrides:
         section, key, value = parse_override(root, item)
         raw.setdefault(section, {})[key] = value
@@ -129,13 +134,6 @@ def _read_file(root: type, path: Path) -> dict[str, dict[str, Any]]:
     if data is None:  # an empty file: every default
         return {}
     return _check_sections(root, data, str(path))
-
-
-def load_dict(root: type, data: Any, where: str) -> Any:
-    """Build ``root`` from an already parsed mapping (e.g. a config saved in a checkpoint)."""
-    data = _check_sections(root, data, where)
-    origin = {(section, key): where for section, values in data.items() for key in values}
-    return _build(root, data, origin)
 
 
 def _check_sections(root: type, data: Any, where: str) -> dict[str, dict[str, Any]]:

@@ -25,3 +25,47 @@ def write_yaml(tmp_path):
         return path
 
     return write
+
+
+def make_image_folder(root, classes=("circle", "square", "triangle"), train_per_class=8, val_per_class=4,
+                      size=24):
+    """An ImageFolder root/{train,val}/<class>/*.png of learnable images: each class has its own tint."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            tint = np.zeros(3)
+            tint[c % 3] = 160
+            for i in range(count):
+                pixels = rng.integers(0, 90, (size, size, 3)) + tint
+                Image.fromarray(pixels.clip(0, 255).astype("uint8"), "RGB").save(folder / f"{i:03d}.png")
+    return root
+
+
+TINY_RUN = [
+    "model.width_mult=0.25", "data.image_size=16", "data.val_resize=16", "data.val_crop=16",
+    "data.batch_size=8", "data.num_workers=0", "data.hflip=0.5", "optim.lr=0.05", "schedule.warmup_epochs=0.5",
+    "train.epochs=2", "train.log_every_steps=1", "train.tb_images=4",
+]
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory):
+    """A small 3-class dataset shared by the training tests (read-only: tests must not write into it)."""
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def tiny_config(image_root, tmp_path):
+    """load_config for a seconds-long CPU run on image_root, writing into tmp_path/run."""
+    from mbv2train.config import load_config
+
+    def make(*overrides: str, run_dir=None):
+        run_dir = run_dir or tmp_path / "run"
+        return load_config(None, [*TINY_RUN, f"data.root={image_root}", f"train.output_dir={run_dir}", *overrides])
+
+    return make

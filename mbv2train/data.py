@@ -1,0 +1,327 @@
+"""Datasets, transforms, samplers and loaders for ImageNet-style folders (root/<split>/<class>/<image>).
+
+Batches leave the workers as uint8 (N, 3, H, W): decoding and geometric augmentation happen in the
+workers, while the float conversion, normalization (engine.Runtime.prepare) and MixUp/CutMix
+(``build_mix_transform``) run on the device. Every random draw of a sample is seeded from (seed, epoch, index), so the
+augmented images do not depend on the number of workers or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode, v2
+
+from mbv2train import rng
+from mbv2train.config import DataConfig
+from mbv2train.errors import DataError
+
+__all__ = ["EpochSampler", "Loaders", "SeededDataset", "build_loaders", "build_mix_transform",
+           "build_train_transform", "build_val_loader", "build_val_transform", "find_classes",
+           "is_image_file", "load_image", "resolve_dirs"]
+
+PREPARE_VAL_HINT = "python scripts/prepare_imagenet_val.py"
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+# ---------------------------------------------------------------- folders
+
+def _class_folders(split_dir: Path) -> list[str]:
+    # Hidden folders (.ipynb_checkpoints, .DS_Store-like leftovers) are not classes; counting them
+    # would silently add an output unit and shift every label after it.
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _check_split(path: Path, what: str, key: Optional[str] = None) -> None:
+    """DataError (one line) unless ``path`` is a folder with at least one class subfolder."""
+    source = f" (set by {key})" if key else ""
+    if not path.exists():
+        raise DataError(f"{what} folder {path} does not exist{source}")
+    if not path.is_dir():
+        raise DataError(f"{what} folder {path} is not a folder{source}")
+    if _class_folders(path):
+        return
+    n_flat = sum(1 for e in os.scandir(path) if e.is_file() and is_image_file(e.name))
+    if n_flat:
+        # ImageNet's validation archive unpacks to 50,000 images in one folder.
+        raise DataError(f"{what} folder {path} holds {n_flat} images but no class folders{source}; "
+                        f"if it is ImageNet's flat val folder, sort it first: {PREPARE_VAL_HINT} {path} "
+                        f"--labels LOC_val_solution.csv")
+    raise DataError(f"{what} folder {path} has no class subfolders{source}; "
+                    f"expected {path}/<class>/<image>")
+
+
+def resolve_dirs(cfg: DataConfig) -> tuple[Path, Path]:
+    """(train folder, val folder): data.train_dir / data.val_dir, else data.root / the split names."""
+    if cfg.train_dir is None and cfg.root is None:
+        raise DataError("no training data: set data.root or --data DIR")
+    if cfg.val_dir is None and cfg.root is None:
+        raise DataError("no validation data: set data.val_dir or data.root")
+    if cfg.root is not None and (cfg.train_dir is None or cfg.val_dir is None):
+        root = Path(cfg.root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data.root: folder {root} does not exist")
+    dirs = []
+    for what, explicit, split, name in (("training", cfg.train_dir, cfg.train_split, "train"),
+                                        ("validation", cfg.val_dir, cfg.val_split, "val")):
+        if explicit is not None:
+            path, key = Path(explicit).expanduser(), f"data.{name}_dir"
+        else:
+            path, key = Path(cfg.root).expanduser() / split, f"data.root + data.{name}_split"
+        _check_split(path, what, key)
+        dirs.append(path)
+    return dirs[0], dirs[1]
+
+
+def _has_image(folder: Path) -> bool:
+    # Stops at the first image, so checking 1000 ImageNet classes lists each folder once at most.
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(is_image_file(f) for f in files):
+            return True
+    return False
+
+
+def _no_images(class_dir: Path) -> DataError:
+    return DataError(f"class folder {class_dir} has no images ({' '.join(IMG_EXTENSIONS)})")
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    """Sorted class-folder names of ``split_dir``; DataError if there are none or one holds no image."""
+    split_dir = Path(split_dir)
+    _check_split(split_dir, "data")
+    classes = _class_folders(split_dir)
+    for name in classes:
+        if not _has_image(split_dir / name):
+            raise _no_images(split_dir / name)
+    return classes
+
+
+def load_image(path: str) -> Image.Image:
+    """RGB PIL image, rotated as its EXIF orientation says (phone photos are often stored sideways)."""
+    try:
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:  # SyntaxError: some broken files
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with our class list (hidden folders skipped) and EXIF-aware loading."""
+
+    def __init__(self, root: Path):
+        # allow_empty: we report an empty class folder ourselves, as a one-line DataError.
+        super().__init__(str(root), loader=load_image, allow_empty=True)
+        counts = Counter(self.targets)
+        for i, name in enumerate(self.classes):
+            if counts[i] == 0:
+                raise _no_images(Path(root) / name)
+
+    def find_classes(self, directory):
+        classes = _class_folders(Path(directory))
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+# ---------------------------------------------------------------- transforms
+
+def _interpolation(cfg: DataConfig) -> InterpolationMode:
+    return InterpolationMode[cfg.interpolation.upper()]
+
+
+def build_train_transform(cfg: DataConfig) -> v2.Compose:
+    """PIL image -> uint8 tensor (3, image_size, image_size); no float math, that happens on the device."""
+    interp = _interpolation(cfg)
+    steps = [v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+                                  interpolation=interp, antialias=True)]
+    if cfg.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
+    if cfg.auto_augment == "autoaugment":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interp))
+    elif cfg.auto_augment == "randaugment":
+        steps.append(v2.RandAugment(interpolation=interp))
+    elif cfg.auto_augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide(interpolation=interp))
+    steps.append(v2.PILToTensor())
+    if cfg.random_erasing > 0:
+        # After the tensor conversion because RandomErasing works on tensors; value 0 suits uint8.
+        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))
+    return v2.Compose(steps)
+
+
+def build_val_transform(cfg: DataConfig) -> v2.Compose:
+    """Resize the short side to val_resize, center-crop val_crop, uint8 tensor."""
+    return v2.Compose([v2.Resize(cfg.val_resize, interpolation=_interpolation(cfg), antialias=True),
+                       v2.CenterCrop(cfg.val_crop),
+                       v2.PILToTensor()])
+
+
+# ---------------------------------------------------------------- dataset and sampler
+
+class SeededDataset(Dataset):
+    """Indexed by (epoch, index); the augmentation of a sample depends only on (seed, epoch, index)."""
+
+    def __init__(self, folder: datasets.DatasetFolder, transform, seed: int):
+        self.samples = folder.samples
+        self.classes = folder.classes
+        self.loader = getattr(folder, "loader", load_image)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        path, label = self.samples[index]
+        image = self.loader(path)
+        sample_seed = rng.derive_seed(self.seed, rng.SAMPLE, epoch, index)
+        # With num_workers=0 this runs in the training process, so the global states are put back
+        # afterwards: loading data must never shift dropout or init draws. Only the CPU generator is
+        # seeded (transforms draw from it); torch.manual_seed would also touch CUDA and cost ~0.3 ms.
+        cpu = torch.default_generator
+        torch_state, py_state = cpu.get_state(), random.getstate()
+        cpu.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        try:
+            image = self.transform(image)
+        finally:
+            cpu.set_state(torch_state)
+            random.setstate(py_state)
+        return image, label
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) for this rank; call set_epoch(epoch) before every epoch.
+
+    Training (drop_last=True): the order is truncated to a multiple of world_size so every rank runs the
+    same number of steps. Validation (shuffle=False, drop_last=False): rank r takes r, r+world_size, ...
+    without padding, so each image is counted exactly once over all ranks.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_index = 0  # samples of this rank's order already consumed (mid-epoch resume)
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        self.epoch = epoch
+        self.start_index = start_index
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            size = self.num_samples // self.world_size
+        else:
+            size = len(range(self.rank, self.num_samples, self.world_size))
+        return max(0, size - self.start_index)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(rng.derive_seed(self.seed, rng.SHUFFLE, self.epoch))
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        if self.drop_last:
+            order = order[:self.num_samples // self.world_size * self.world_size]
+        mine = order[self.rank::self.world_size][self.start_index:]
+        return iter([(self.epoch, i) for i in mine])
+
+
+# ---------------------------------------------------------------- loaders
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_sampler: EpochSampler
+    classes: list[str]
+    train_dir: Path
+    val_dir: Path
+
+
+def _loader_options(cfg: DataConfig, device_type: str) -> dict:
+    options = {"num_workers": cfg.num_workers, "pin_memory": device_type == "cuda" and cfg.pin_memory}
+    if cfg.num_workers > 0:  # DataLoader rejects these two without workers
+        options.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
+    return options
+
+
+def build_val_loader(cfg: DataConfig, val_dir: Path, rank: int = 0, world_size: int = 1,
+                     device_type: str = "cpu", batch_size: Optional[int] = None
+                     ) -> tuple[DataLoader, list[str]]:
+    """Validation loader over ``val_dir`` (every image once over all ranks) and its class names."""
+    val_dir = Path(val_dir).expanduser()
+    _check_split(val_dir, "validation")
+    folder = _ImageFolder(val_dir)
+    # The val transform is deterministic, so the seed and the epoch (always 0) change nothing.
+    dataset = SeededDataset(folder, build_val_transform(cfg), seed=0)
+    sampler = EpochSampler(len(dataset), seed=0, shuffle=False, rank=rank, world_size=world_size,
+                           drop_last=False)
+    loader = DataLoader(dataset, batch_size=batch_size or cfg.val_batch_size or cfg.batch_size,
+                        sampler=sampler, drop_last=False, **_loader_options(cfg, device_type))
+    return loader, folder.classes
+
+
+def _differences(train: Sequence[str], val: Sequence[str]) -> str:
+    parts = []
+    for where, names in (("train", sorted(set(train) - set(val))), ("val", sorted(set(val) - set(train)))):
+        if names:
+            parts.append(f"only in {where}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+    return "; ".join(parts)
+
+
+def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
+                  device_type: str = "cpu") -> Loaders:
+    """Training and validation loaders for one process of ``world_size``."""
+    train_dir, val_dir = resolve_dirs(cfg)
+    folder = _ImageFolder(train_dir)
+    if len(folder) // world_size < cfg.batch_size:
+        raise DataError(f"training folder {train_dir} has {len(folder)} images, fewer than one batch "
+                        f"(data.batch_size {cfg.batch_size} x {world_size} processes); lower data.batch_size")
+    val_loader, val_classes = build_val_loader(cfg, val_dir, rank, world_size, device_type)
+    if val_classes != folder.classes:
+        raise DataError(f"class folders differ between {train_dir} ({len(folder.classes)}) and {val_dir} "
+                        f"({len(val_classes)}): {_differences(folder.classes, val_classes)}")
+
+    dataset = SeededDataset(folder, build_train_transform(cfg), seed)
+    sampler = EpochSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=world_size)
+    train_loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                              **_loader_options(cfg, device_type))
+    return Loaders(train_loader, val_loader, sampler, folder.classes, train_dir, val_dir)
+
+
+# ---------------------------------------------------------------- device-side steps
+
+def build_mix_transform(cfg: DataConfig, num_classes: int):
+    """MixUp and/or CutMix for float NCHW images and int64 labels -> (images, soft targets); None if off.
+
+    Runs on the device in the training step, which seeds the global RNG it draws from.
+    """
+    mixes = []
+    if cfg.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -1,0 +1,103 @@
+"""`mbv2 eval`: top-1 / top-5 of a checkpoint (or a bare state dict) on a validation folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from mbv2train import checkpoint as ckpt
+from mbv2train import data, engine
+from mbv2train.config import Config, config_from_dict, load_config
+from mbv2train.errors import CheckpointError, DataError
+from mbv2train.model import build_model
+from mbv2train.trainer import resolve_amp, resolve_device
+
+
+@dataclasses.dataclass
+class EvalRequest:
+    ckpt: Path
+    data: Optional[Path] = None  # a dataset root (its val split is used) or a folder of class folders
+    config: Optional[Path] = None  # replaces the checkpoint's own config
+    overrides: Sequence[str] = ()
+    ema: Optional[bool] = None  # None: the weights that picked best.pt (EMA when the run's best metric was EMA)
+    batch_size: Optional[int] = None
+    width_mult: Optional[float] = None  # for a bare state dict
+    num_classes: Optional[int] = None  # for a bare state dict; default: read from its classifier
+
+
+def run_eval(req: EvalRequest) -> dict[str, Any]:
+    state = ckpt.load_checkpoint(req.ckpt)
+    if ckpt.is_training_checkpoint(state):
+        cfg, weights, classes, used_ema = _from_training_checkpoint(state, req)
+    else:
+        cfg, weights, classes, used_ema = _from_state_dict(state, req), state, None, False
+
+    options = {"data.val_batch_size": ("--batch-size", req.batch_size)}
+    if req.config is not None:  # its data and train settings replace the saved ones; the model stays
+        cfg = dataclasses.replace(load_config(req.config, req.overrides, options), model=cfg.model)
+    elif req.overrides or req.batch_size is not None:
+        cfg = config_from_dict(cfg.to_dict(), f"{req.ckpt} (saved config)", req.overrides, options)
+    val_dir = _val_dir(cfg, req.data)
+
+    device = resolve_device(cfg.train.device)
+    loader, found = data.build_val_loader(cfg.data, val_dir, device_type=device.type)
+    if classes is not None and found != classes:
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise DataError(f"{val_dir}: its class folders differ from the checkpoint's classes "
+                        f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(extra[:5]) or '-'})")
+    if classes is None and len(found) != cfg.model.num_classes:
+        raise DataError(f"{val_dir}: {len(found)} class folders but the model predicts "
+                        f"{cfg.model.num_classes} classes")
+
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{req.ckpt}: weights do not fit MobileNetV2(width_mult={cfg.model.width_mult:g}, "
+                              f"num_classes={cfg.model.num_classes}): {first[1].strip() if len(first) > 1 else first[0]}"
+                              ) from None
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    rt = engine.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
+                               cfg.data.mean, cfg.data.std)
+    metrics = engine.evaluate(model, loader, rt)
+    return {**metrics, "ema": used_ema, "val_dir": str(val_dir)}
+
+
+def _from_training_checkpoint(state, req: EvalRequest):
+    cfg = config_from_dict(state["config"], f"{req.ckpt} (saved config)")
+    use_ema = req.ema if req.ema is not None else str(state.get("best_metric", "")).startswith("ema_")
+    if use_ema:
+        if state.get("ema") is None:
+            raise CheckpointError(f"{req.ckpt}: --ema asked for, but the run kept no EMA weights")
+        weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    else:
+        weights = state["model"]
+    return cfg, weights, list(state["class_names"]), use_ema
+
+
+def _from_state_dict(state, req: EvalRequest) -> Config:
+    if not isinstance(state, dict) or "classifier.1.weight" not in state:
+        raise CheckpointError(f"{req.ckpt}: neither an mbv2 training checkpoint nor a MobileNetV2 state dict")
+    if req.ema:
+        raise CheckpointError(f"{req.ckpt}: --ema needs a training checkpoint; this is a bare state dict")
+    num_classes = req.num_classes or int(state["classifier.1.weight"].shape[0])
+    cfg = load_config(None)
+    model_cfg = dataclasses.replace(cfg.model, width_mult=req.width_mult or 1.0, num_classes=num_classes)
+    return dataclasses.replace(cfg, model=model_cfg)
+
+
+def _val_dir(cfg: Config, data_dir: Optional[Path]) -> Path:
+    if data_dir is None:
+        if cfg.data.val_dir is None and cfg.data.root is None:
+            raise DataError("no validation data: pass --data DIR")
+        return Path(cfg.data.val_dir) if cfg.data.val_dir else Path(cfg.data.root) / cfg.data.val_split
+    if not data_dir.is_dir():
+        raise DataError(f"data folder not found: {data_dir}")
+    split = data_dir / cfg.data.val_split
+    return split if split.is_dir() else data_dir

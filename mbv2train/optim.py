@@ -1,0 +1,149 @@
+"""Optimizer with parameter groups, and the per-step learning-rate schedule.
+
+The learning rate is a pure function of the optimizer step (``lr_at``), so a resumed run only needs the
+step count to be back on the same curve. ``build_scheduler`` wraps that function in a ``LambdaLR`` that
+is stepped once per optimizer step.
+
+RMSProp and the paper. The paper trained with TensorFlow's RMSProp, which differs from
+``torch.optim.RMSprop`` in two ways:
+
+- TensorFlow adds epsilon inside the square root, ``g / sqrt(v + e)``; PyTorch adds it outside,
+  ``g / (sqrt(v) + e)``. Where ``v`` is small (the case epsilon is there for) the denominators are
+  ``sqrt(e)`` and ``e``, so a TensorFlow epsilon ``e`` corresponds to a PyTorch epsilon ``sqrt(e)``:
+  the default ``optim.eps`` 0.0316 ~ TensorFlow's 1e-3.
+- TensorFlow starts the squared-gradient average at 1, PyTorch at 0. PyTorch's first steps are
+  therefore large (about lr x 1/sqrt(1 - alpha) ~ 3 x lr per weight with alpha 0.9) until the average
+  has filled; a few warmup epochs (``schedule.warmup_epochs``) tame them if a run diverges early.
+
+Weight decay is added to the gradient (L2) for sgd and rmsprop, as TensorFlow's L2 regularizer did, and
+decoupled for adamw.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from mbv2train.config import OptimConfig, ScheduleConfig
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_at", "parameter_groups", "scaled_lr"]
+
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+BIASED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
+    """``cfg.lr`` scaled linearly to ``global_batch_size`` when ``cfg.lr_reference_batch`` is set."""
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be at least 1, got {global_batch_size}")
+    if cfg.lr_reference_batch is None:
+        return cfg.lr
+    return cfg.lr * global_batch_size / cfg.lr_reference_batch
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters split into "decay", "norm" and "bias" groups, each with its weight decay.
+
+    Norm scales and shifts (and, optionally, biases) are usually left undecayed: shrinking them towards 0
+    does not regularize a network whose next layer is normalized anyway, it only fights the optimizer.
+    """
+    norm_wd = cfg.weight_decay if cfg.norm_weight_decay is None else cfg.norm_weight_decay
+    bias_wd = cfg.weight_decay if cfg.bias_weight_decay is None else cfg.bias_weight_decay
+    groups = {
+        "decay": {"params": [], "weight_decay": cfg.weight_decay, "name": "decay"},
+        "norm": {"params": [], "weight_decay": norm_wd, "name": "norm"},
+        "bias": {"params": [], "weight_decay": bias_wd, "name": "bias"},
+    }
+    seen = set()  # a parameter shared by two modules must be optimized once
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if isinstance(module, NORM_LAYERS):
+                groups["norm"]["params"].append(param)
+            elif name == "bias" and isinstance(module, BIASED_LAYERS):
+                groups["bias"]["params"].append(param)
+            else:
+                groups["decay"]["params"].append(param)
+    # torch optimizers reject an empty group, e.g. "bias" for a model without biases
+    return [group for group in groups.values() if group["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` over ``parameter_groups(model, cfg)`` at ``scaled_lr(cfg, global_batch_size)``."""
+    params = parameter_groups(model, cfg)
+    lr = scaled_lr(cfg, global_batch_size)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def lr_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, cfg: ScheduleConfig) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) of a run of ``epochs`` epochs.
+
+    Time is measured in fractional epochs, t = step / steps_per_epoch, so the curve is smooth within an
+    epoch and the same whatever the batch size. Warmup rises linearly from base_lr x warmup_start_factor
+    at t=0 to base_lr at t=warmup_epochs; the decay then runs over the remaining epochs.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
+    t = step / steps_per_epoch
+    warmup = cfg.warmup_epochs
+    if t < warmup:
+        start = cfg.warmup_start_factor
+        return base_lr * (start + (1.0 - start) * t / warmup)
+
+    u = t - warmup
+    total = epochs - warmup
+    if total <= 0:
+        raise ValueError(f"warmup_epochs ({warmup:g}) must be shorter than epochs ({epochs})")
+    if cfg.name == "cosine":
+        # held at min_lr past the end, rather than climbing back up the cosine
+        u = min(u, total)
+        return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * u / total))
+    if cfg.name == "exponential":
+        return base_lr * cfg.gamma ** u
+    if cfg.name == "step":
+        return base_lr * cfg.gamma ** math.floor(u / cfg.step_epochs)
+    if cfg.name == "constant":
+        return base_lr
+    raise ValueError(f"unknown schedule {cfg.name!r}")
+
+
+class PerStepLR(LambdaLR):
+    """LambdaLR that also puts the restored learning rate back into the optimizer on load.
+
+    Plain LambdaLR leaves the optimizer's lr alone in ``load_state_dict``; if the scheduler was built
+    after the optimizer state was loaded, building it reset the lr to the step-0 value, and the first
+    step after a resume would run at that lr. Writing the restored lr here makes the load order irrelevant.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+            group["lr"] = lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int,
+                    steps_per_epoch: int) -> LambdaLR:
+    """A LambdaLR following ``lr_at``; call ``scheduler.step()`` after every ``optimizer.step()``."""
+
+    def make_factor(base_lr: float):
+        # A plain closure, not a callable object: LambdaLR.state_dict() stores None for functions, so the
+        # state dict holds only numbers and loads with torch.load(weights_only=True).
+        def factor(step: int) -> float:
+            return lr_at(step, steps_per_epoch, epochs, base_lr, cfg) / base_lr
+        return factor
+
+    # "initial_lr" is there when the optimizer state was loaded from a checkpoint: it is the unscheduled lr,
+    # whereas "lr" is wherever the schedule had got to.
+    factors = [make_factor(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+    return PerStepLR(optimizer, factors)

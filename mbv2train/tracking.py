@@ -1,0 +1,88 @@
+"""Where metrics go: metrics.jsonl (one JSON object per epoch) and TensorBoard files under tb/.
+
+Only rank 0 creates a Tracker; other ranks get ``NullTracker``, whose methods do nothing, so callers
+never branch on the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+TIMING_FIELDS = ("img_per_s", "epoch_time_s", "data_time_frac", "val_time_s")
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
+
+        self.metrics_path = run_dir / METRICS_FILE
+        # purge_step drops events a killed run wrote after its last checkpoint, so curves don't fork.
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def epoch(self, row: dict[str, Any], step: int) -> None:
+        """Append one epoch's row to metrics.jsonl and its values to TensorBoard (at the global step)."""
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.scalars(step, {k: v for k, v in row.items() if k != "epoch"}, prefix="epoch")
+        self.writer.flush()
+
+    def images(self, batch_uint8: torch.Tensor, tag: str = "train/augmented_images") -> None:
+        from torchvision.utils import make_grid
+
+        self.writer.add_image(tag, make_grid(batch_uint8.cpu(), nrow=int(math.sqrt(len(batch_uint8))) or 1))
+
+    def hparams(self, config: dict[str, dict[str, Any]]) -> None:
+        """The flattened config in TensorBoard's HParams tab, tied to the epoch/val_top1 curve."""
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = {}
+        for section, values in config.items():
+            for key, value in values.items():
+                if isinstance(value, (list, tuple)):
+                    value = str(list(value))
+                flat[f"{section}.{key}"] = "null" if value is None else value
+        for summary in hparams(flat, {"epoch/val_top1": 0.0}):
+            self.writer.file_writer.add_summary(summary)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class NullTracker:
+    """What ranks other than 0 log with: nothing."""
+
+    def scalars(self, *args, **kwargs) -> None: ...
+    def epoch(self, *args, **kwargs) -> None: ...
+    def images(self, *args, **kwargs) -> None: ...
+    def hparams(self, *args, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Keep rows up to ``last_epoch`` (1-based, inclusive): a resumed run rewrites what came after."""
+    rows = read_metrics(path)
+    kept = [r for r in rows if r.get("epoch", 0) <= last_epoch]
+    if len(kept) != len(rows):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
