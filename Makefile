@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine with Python >= 3.10 and make:
-#   make demo   create .venv, install mbv2train, run the demo job
+#   make demo   create .venv, install mbv2train, write the digits dataset, train on it, evaluate
 #   make test   create .venv, install mbv2train with its test tools, run the tests
 # Both reuse .venv on a second run. Set TORCH_SPEC to install another torch build,
 # e.g. make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
@@ -13,8 +13,13 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test clean
 
+DEMO_DATA ?= data/digits
+DEMO_RUN ?= runs/demo
+
 demo: $(VENV)/.installed-demo
-	$(BIN)/mbv2 summary
+	$(BIN)/mbv2 data demo $(DEMO_DATA)
+	$(BIN)/mbv2 train --config configs/demo.yaml --data $(DEMO_DATA) --output-dir $(DEMO_RUN) --resume auto
+	$(BIN)/mbv2 eval --ckpt $(DEMO_RUN)/best.pt
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -36,4 +41,4 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-torch
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(DEMO_RUN)

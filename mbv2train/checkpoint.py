@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
 EPOCH_COPY = re.compile(r"^epoch_(\d+)\.pt$")
+UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def versions() -> dict[str, str]:
@@ -72,10 +73,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only refuses pickles that would import or call arbitrary objects
-        unsafe = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"checkpoint refused, it holds more than weights: {path} ({unsafe})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        # weights_only refuses pickles that would import or call arbitrary objects; say which ones
+        unsafe = sorted(set(UNSAFE_GLOBAL.findall(str(exc))))
+        if unsafe:
+            raise CheckpointError(f"checkpoint refused: {path} would load code objects ({', '.join(unsafe)}); "
+                                  f"only tensors and plain containers are loaded") from None
+        raise CheckpointError(f"checkpoint is corrupt or truncated: {path}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError):
         raise CheckpointError(f"checkpoint is corrupt or truncated: {path}") from None
 
 

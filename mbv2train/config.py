@@ -80,7 +80,9 @@ class OptimConfig:
         None, "weight decay for conv and linear biases; null: weight_decay", ge=0)
     alpha: float = setting(0.9, "rmsprop: decay of the squared-gradient average (TensorFlow's 'decay')",
                            gt=0, lt=1)
-    eps: float = setting(0.0316, "rmsprop/adamw epsilon, added outside the square root (PyTorch style)", gt=0)
+    eps: Optional[float] = setting(
+        None, "epsilon, added outside the square root (PyTorch style); null: 0.0316 for rmsprop "
+              "(~ TensorFlow's 1e-3 inside it), 1e-8 for adamw", gt=0)
     betas: tuple[float, ...] = setting((0.9, 0.999), "adamw beta1, beta2", ge=0, lt=1)
 
 

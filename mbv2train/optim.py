@@ -10,7 +10,7 @@ RMSProp and the paper. The paper trained with TensorFlow's RMSProp, which differ
 - TensorFlow adds epsilon inside the square root, ``g / sqrt(v + e)``; PyTorch adds it outside,
   ``g / (sqrt(v) + e)``. Where ``v`` is small (the case epsilon is there for) the denominators are
   ``sqrt(e)`` and ``e``, so a TensorFlow epsilon ``e`` corresponds to a PyTorch epsilon ``sqrt(e)``:
-  the default ``optim.eps`` 0.0316 ~ TensorFlow's 1e-3.
+  rmsprop's default epsilon 0.0316 ~ TensorFlow's 1e-3.
 - TensorFlow starts the squared-gradient average at 1, PyTorch at 0. PyTorch's first steps are
   therefore large (about lr x 1/sqrt(1 - alpha) ~ 3 x lr per weight with alpha 0.9) until the average
   has filled; a few warmup epochs (``schedule.warmup_epochs``) tame them if a run diverges early.
@@ -33,6 +33,8 @@ __all__ = ["build_optimizer", "build_scheduler", "lr_at", "parameter_groups", "s
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 BIASED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+RMSPROP_EPS = 0.0316  # ~ TensorFlow's 1e-3 (see above)
+ADAMW_EPS = 1e-8  # Adam's usual value
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
@@ -80,9 +82,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) 
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum)
+        eps = RMSPROP_EPS if cfg.eps is None else cfg.eps
+        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.alpha, eps=eps, momentum=cfg.momentum)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        eps = ADAMW_EPS if cfg.eps is None else cfg.eps
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=eps)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 

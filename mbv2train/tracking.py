@@ -37,7 +37,7 @@ class Tracker:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.scalars(step, {k: v for k, v in row.items() if k != "epoch"}, prefix="epoch")
+        self.scalars(step, {k: v for k, v in row.items() if k not in ("epoch", "step")}, prefix="epoch")
         self.writer.flush()
 
     def images(self, batch_uint8: torch.Tensor, tag: str = "train/augmented_images") -> None:

@@ -98,9 +98,9 @@ def _fit(cfg: Config, resume: Optional[str], device: torch.device, amp_dtype, di
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-        if state is not None:
-            truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
-        tracker = Tracker(run_dir, purge_step=global_step + 1 if state is not None else None)
+        # Rows and curves past the checkpoint belong to an attempt that died before saving: drop them.
+        truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
+        tracker = Tracker(run_dir, purge_step=global_step + 1 if state is not None else 0)
         if state is None:
             tracker.hparams(cfg.to_dict())
             if cfg.train.tb_images:
@@ -174,6 +174,9 @@ def _with_num_classes(cfg: Config, found: int) -> Config:
 
 def _find_resume_state(resume: Optional[str], run_dir: Path) -> Optional[dict[str, Any]]:
     if resume is None:
+        if (run_dir / ckpt.LAST).exists():
+            raise CheckpointError(f"{run_dir} already holds a run ({ckpt.LAST}); continue it with --resume auto "
+                                  f"or choose another --output-dir")
         return None
     if resume == "auto":
         last = run_dir / ckpt.LAST

@@ -268,3 +268,9 @@ def test_scheduler_rebuilt_mid_run_continues_with_the_same_lrs(optimizer_state_f
     second_part = train_steps(model, optimizer, scheduler, total - middle)
 
     assert first_part + second_part == uninterrupted
+
+
+@pytest.mark.parametrize("name, expected", [("rmsprop", 0.0316), ("adamw", 1e-8)])
+def test_unset_eps_takes_each_optimizers_own_default(name, expected):
+    optimizer = build_optimizer(MobileNetV2(num_classes=10), OptimConfig(name=name), global_batch_size=32)
+    assert optimizer.param_groups[0]["eps"] == pytest.approx(expected)

@@ -160,3 +160,20 @@ def test_metrics_rows_are_json_lines(tiny_config, tmp_path):
     fit(tiny_config("train.epochs=1"))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tiny_config, tmp_path):
+    fit(tiny_config("train.epochs=1"))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds a run .* --resume auto"):
+        fit(tiny_config("train.epochs=1"))
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_a_fresh_start_drops_rows_of_an_attempt_that_never_saved(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 0.5}) + "\n")
+    fit(tiny_config("train.epochs=1"), resume="auto")
+    rows = read_metrics(run / "metrics.jsonl")
+    assert len(rows) == 1 and rows[0]["val_top1"] != 0.5

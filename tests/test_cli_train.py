@@ -1,0 +1,124 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import TINY_RUN
+from mbv2train.tracking import read_metrics
+from mbv2train.trainer import without_timing
+
+
+def train_args(image_root, run_dir, *extra):
+    args = ["train", "--data", str(image_root), "--output-dir", str(run_dir)]
+    for item in [*TINY_RUN, *extra]:
+        args += ["--set", item]
+    return args
+
+
+def test_train_command_runs_and_prints_epoch_lines(cli, image_root, tmp_path):
+    result = cli(*train_args(image_root, tmp_path / "run", "train.epochs=1"))
+    assert result.exit_code == 0, result.output
+    assert "epoch 1 | train_loss" in result.stdout
+    assert "mbv2 eval --ckpt" in result.stdout
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
+
+
+def test_data_option_sets_the_root_and_output_dir_the_run(cli, image_root, tmp_path):
+    cli(*train_args(image_root, tmp_path / "here", "train.epochs=1"))
+    saved = (tmp_path / "here" / "config.yaml").read_text()
+    assert f"root: {image_root}" in saved
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "does not exist"),
+    ("flat_val", "no class folders"),
+    ("no_classes", "has no class subfolders"),
+    ("class_mismatch", "class folders differ"),
+    ("empty_class", "has no images"),
+])
+def test_bad_data_folders_exit_2_with_one_line(cli, image_root, tmp_path, layout, message):
+    import shutil
+
+    root = tmp_path / "data"
+    if layout != "missing":
+        shutil.copytree(image_root, root)
+    if layout == "flat_val":
+        for png in (root / "val").rglob("*.png"):
+            png.rename(root / "val" / f"{png.parent.name}_{png.name}")
+        for folder in [p for p in (root / "val").iterdir() if p.is_dir()]:
+            folder.rmdir()
+    elif layout == "no_classes":
+        shutil.rmtree(root / "val")
+        (root / "val").mkdir()
+    elif layout == "class_mismatch":
+        (root / "val" / "triangle").rename(root / "val" / "hexagon")
+    elif layout == "empty_class":
+        for png in (root / "train" / "square").glob("*.png"):
+            png.unlink()
+    result = cli(*train_args(root, tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    if layout == "flat_val":
+        assert "prepare_imagenet_val.py" in lines[0]
+
+
+def test_too_few_images_for_a_batch_exits_2(cli, image_root, tmp_path):
+    result = cli(*train_args(image_root, tmp_path / "run", "data.batch_size=64"))
+    assert result.exit_code == 2
+    assert "fewer than one batch" in result.stderr
+
+
+def test_no_data_at_all_exits_2(cli, tmp_path):
+    result = cli("train", "--output-dir", tmp_path / "run", "--set", "data.num_workers=0")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: no training data: set data.root or --data DIR"
+
+
+def test_demo_data_command_writes_the_digits(cli, tmp_path):
+    result = cli("data", "demo", tmp_path / "digits")
+    assert result.exit_code == 0, result.output
+    assert "1437 train / 360 val images, 10 classes" in result.stdout
+    again = cli("data", "demo", tmp_path / "digits")
+    assert "already there" in again.stdout
+
+
+def run_train(args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mbv2train", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_sigkill_after_an_epoch_then_resume_auto_equals_an_uninterrupted_run(image_root, tmp_path):
+    extra = ["train.epochs=4", "data.batch_size=2", "train.ema=true"]
+    whole = run_train(train_args(image_root, tmp_path / "whole", *extra))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+
+    run = tmp_path / "killed"
+    args = train_args(image_root, run, *extra)
+    victim = run_train(args)
+    deadline = time.time() + 240
+    while len(read_metrics(run / "metrics.jsonl")) < 1 and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)  # the whole group, workers included, with no chance to clean up
+    victim.wait()
+    assert len(read_metrics(run / "metrics.jsonl")) < 4, "the run finished before it could be killed"
+
+    resumed = run_train([*args, "--resume", "auto"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(run / "last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for key in a["optimizer"]["state"]:
+        for name, value in a["optimizer"]["state"][key].items():
+            assert torch.equal(value, b["optimizer"]["state"][key][name])
+    rows_a = [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    rows_b = [without_timing(r) for r in read_metrics(run / "metrics.jsonl")]
+    assert rows_a == rows_b and len(rows_b) == 4
