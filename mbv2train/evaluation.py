@@ -31,6 +31,9 @@ class EvalRequest:
 def run_eval(req: EvalRequest) -> dict[str, Any]:
     state = ckpt.load_checkpoint(req.ckpt)
     if ckpt.is_training_checkpoint(state):
+        if req.width_mult is not None or req.num_classes is not None:
+            raise CheckpointError(f"{req.ckpt}: --width-mult and --num-classes are for bare state dicts; "
+                                  f"a training checkpoint carries its own model settings")
         cfg, weights, classes, used_ema = _from_training_checkpoint(state, req)
     else:
         cfg, weights, classes, used_ema = _from_state_dict(state, req), state, None, False

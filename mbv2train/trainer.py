@@ -71,7 +71,7 @@ def _fit(cfg: Config, resume: Optional[str], device: torch.device, amp_dtype, di
 
     state = _find_resume_state(resume, run_dir)
     if state is not None:
-        _check_resumable(state, cfg, loaders.classes, say)
+        _check_resumable(state, cfg, loaders.classes, dist.world_size, say)
 
     torch.manual_seed(rng.derive_seed(cfg.train.seed, rng.INIT))
     model = build_model(cfg.model).to(device)
@@ -188,11 +188,13 @@ def _find_resume_state(resume: Optional[str], run_dir: Path) -> Optional[dict[st
     return state
 
 
-def _check_resumable(state: dict[str, Any], cfg: Config, classes: list[str], say: bool) -> None:
+def _check_resumable(state: dict[str, Any], cfg: Config, classes: list[str], world_size: int, say: bool) -> None:
     if state["class_names"] != classes:
         raise CheckpointError("the checkpoint's class list differs from the training data's "
                               f"({len(state['class_names'])} vs {len(classes)} classes)")
     refused, harmless = run_state.config_changes(state["config"], cfg.to_dict())
+    if state.get("world_size", 1) != world_size:  # the global batch, hence steps and LR, would change
+        refused.append(f"processes: {state.get('world_size', 1)} -> {world_size}")
     if refused:
         raise CheckpointError("resuming would change the experiment: " + "; ".join(refused))
     for line in harmless:

@@ -122,3 +122,21 @@ def test_sigkill_after_an_epoch_then_resume_auto_equals_an_uninterrupted_run(ima
     rows_a = [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     rows_b = [without_timing(r) for r in read_metrics(run / "metrics.jsonl")]
     assert rows_a == rows_b and len(rows_b) == 4
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_counts_every_val_image_once(image_root, tmp_path):
+    run = tmp_path / "ddp"
+    args = train_args(image_root, run, "data.batch_size=4", "train.ema=true")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", "-m", "mbv2train", *args],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]  # one writer: rank 0
+    assert all(r["val_images"] == 12 and r["ema_val_images"] == 12 for r in rows)
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["world_size"] == 2
+    assert state["global_step"] == 2 * (24 // 2 // 4)  # each rank sees half the images per epoch
+    assert result.stdout.count("epoch 2 | train_loss") == 1

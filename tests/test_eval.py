@@ -99,6 +99,7 @@ def test_eval_takes_a_torchvision_state_dict(cli, image_root, tmp_path):
     (["--ckpt", "{tmp}/other.pt"], "neither an mbv2 training checkpoint nor a MobileNetV2 state dict"),
     (["--ckpt", "{run}/last.pt", "--data", "{tmp}/nowhere"], "data folder not found: {tmp}/nowhere"),
     (["--ckpt", "{run}/last.pt", "--set", "data.val_crop=999"], "data.val_crop: 999 is larger than"),
+    (["--ckpt", "{run}/last.pt", "--width-mult", "0.5"], "--width-mult and --num-classes are for bare state dicts"),
 ])
 def test_eval_bad_input_exits_2_with_one_line(cli, trained, tmp_path, args, message):
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
