@@ -156,7 +156,9 @@ def _fit(cfg: Config, resume: Optional[str], device: torch.device, amp_dtype, di
             _save(state, run_dir, epoch, is_best, cfg)
             log(_epoch_line(row, best_metric, best_value), say)
     tracker.close()
-    if say and row:
+    if start_epoch >= cfg.train.epochs:
+        log(f"nothing to train: {run_dir} already finished its {cfg.train.epochs} epochs", say)
+    elif say:
         log(f"done: best {best_metric} {best_value:.4f}; checkpoints in {run_dir} "
             f"(evaluate with: mbv2 eval --ckpt {run_dir / ckpt.BEST})")
     return row

@@ -177,3 +177,12 @@ def test_a_fresh_start_drops_rows_of_an_attempt_that_never_saved(tiny_config, tm
     fit(tiny_config("train.epochs=1"), resume="auto")
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == 1 and rows[0]["val_top1"] != 0.5
+
+
+def test_resuming_a_finished_run_trains_nothing(tiny_config, tmp_path, capsys):
+    fit(tiny_config("train.epochs=1"))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    assert fit(tiny_config("train.epochs=1"), resume="auto") == {}
+    assert "nothing to train" in capsys.readouterr().out
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
