@@ -8,6 +8,15 @@ escapes is a bug in mbv2train and keeps its traceback.
 class UserError(Exception):
     """A problem with the user's input (config, data, checkpoint), reported without a traceback."""
 
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's error reaches the main process re-raised as
+        # ErrorType("Caught ErrorType in DataLoader worker process N.\nOriginal Traceback ...\nmodule.ErrorType: msg");
+        # the user needs the last line's message, not the worker's traceback.
+        if "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
 
 class ConfigError(UserError):
     """A config file or override is unreadable, malformed, or names a bad key or value."""

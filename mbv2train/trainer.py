@@ -96,7 +96,10 @@ def _fit(cfg: Config, resume: Optional[str], device: torch.device, amp_dtype, di
 
     tracker = NullTracker()
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"train.output_dir: cannot create {run_dir}: {exc.strerror or exc}") from None
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         # Rows and curves past the checkpoint belong to an attempt that died before saving: drop them.
         truncate_metrics(run_dir / "metrics.jsonl", start_epoch)

@@ -140,3 +140,24 @@ def test_torchrun_with_two_processes_counts_every_val_image_once(image_root, tmp
     assert state["world_size"] == 2
     assert state["global_step"] == 2 * (24 // 2 // 4)  # each rank sees half the images per epoch
     assert result.stdout.count("epoch 2 | train_loss") == 1
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_unreadable_image_stops_the_run_with_its_path(cli, image_root, tmp_path, workers):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(image_root, root)
+    bad = root / "train" / "square" / "999.png"
+    bad.write_text("not an image")
+    result = cli(*train_args(root, tmp_path / "run", f"data.num_workers={workers}"))
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert lines == [f"error: cannot read image {bad}: cannot identify image file '{bad}'"]
+
+
+def test_an_output_dir_that_cannot_be_created_exits_2(cli, image_root, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = cli(*train_args(image_root, tmp_path / "a_file" / "run"))
+    assert result.exit_code == 2
+    assert "train.output_dir: cannot create" in result.stderr
