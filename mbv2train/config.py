@@ -61,6 +61,10 @@ class DataConfig:
     pin_memory: bool = setting(True, "page-locked host memory for faster copies (CUDA only)")
     persistent_workers: bool = setting(True, "keep workers alive between epochs")
     prefetch_factor: int = setting(2, "batches each worker loads ahead", ge=1)
+    bad_images: Literal["error", "skip"] = setting(
+        "error", "an unreadable image: error stops the run naming the file; skip warns and substitutes another")
+    max_bad_fraction: float = setting(0.01, "skip: stop when more than this fraction of a split is unreadable",
+                                      ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,11 @@ class TrainConfig:
                                      ge=0)
     keep_checkpoints: int = setting(3, "how many epoch_N.pt copies to keep (oldest go first)", ge=1)
     log_every_steps: int = setting(50, "steps between log lines when output is not a terminal", ge=1)
+    checkpoint_every_steps: int = setting(0, "also write last.pt every this many optimizer steps; 0: off", ge=0)
+    checkpoint_every_minutes: float = setting(0.0, "also write last.pt every this many minutes; 0: off", ge=0)
+    nonfinite: Literal["raise", "skip"] = setting(
+        "raise", "a NaN/inf loss: raise stops before the optimizer step; skip leaves the weights unchanged")
+    max_nonfinite_skips: int = setting(10, "skip: stop after this many non-finite steps in a row", ge=1)
     tb_images: int = setting(16, "augmented training images shown in TensorBoard at start; 0: none", ge=0)
 
 

@@ -13,7 +13,8 @@ HARMLESS_KEYS = {
     "data.root", "data.train_dir", "data.val_dir", "data.num_workers", "data.pin_memory",
     "data.persistent_workers", "data.prefetch_factor", "data.val_batch_size",
     "train.output_dir", "train.log_every_steps", "train.tb_images", "train.save_every_epochs",
-    "train.keep_checkpoints", "train.compile", "train.device",
+    "train.keep_checkpoints", "train.compile", "train.device", "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes", "data.bad_images", "data.max_bad_fraction",
 }
 
 
