@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,7 +27,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and check YAML configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-data_app = typer.Typer(help="Datasets: write the demo dataset.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: write the demo dataset, check a dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 ConfigOption = Annotated[Optional[Path], typer.Option(
@@ -43,8 +44,13 @@ def reports_user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            exc.__traceback__ = None  # frees a failed DataLoader's workers now, not at some later collection
+            one_line = str(exc).replace("\n", "\\n")  # a value typed with a newline stays on the line
+            typer.echo(f"error: {one_line}", err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; nothing was saved for the current step", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -73,18 +79,37 @@ def train(
         help="Run directory for checkpoints, metrics and TensorBoard files (sets train.output_dir).")] = None,
     overrides: SetOption = None,
     resume: Annotated[Optional[str], typer.Option(
-        help="'auto': continue from last.pt in the run directory if there is one; or a checkpoint path.")] = None,
+        help="'auto': continue from the newest valid checkpoint in the run directory, if any; "
+             "or a checkpoint path.")] = None,
+    allow_change: Annotated[Optional[list[str]], typer.Option(
+        help="On resume, accept a change to this config key on purpose (repeatable); it is recorded "
+             "in metrics.jsonl.")] = None,
+    fault: Annotated[Optional[list[str]], typer.Option(hidden=True)] = None,
 ) -> None:
-    """Train MobileNetV2 on an ImageNet-style folder (one subfolder per class)."""
+    """Train MobileNetV2 on an ImageNet-style folder (one subfolder per class).
+
+    SIGTERM, SIGINT or SIGUSR1 finish the current step, write a checkpoint and exit with 128 + the signal
+    number; a second Ctrl-C stops at once.
+    """
     from mbv2train.config import load_config
+    from mbv2train.faults import Faults
 
     cfg = load_config(config, overrides or [], options={
         "data.root": ("--data", str(data) if data is not None else None),
         "train.output_dir": ("--output-dir", str(output_dir) if output_dir is not None else None)})
+    faults = Faults.parse(fault or [])
 
+    from mbv2train.preemption import Preempted
     from mbv2train.trainer import fit  # torch comes in here
 
-    fit(cfg, resume=resume)
+    try:
+        fit(cfg, resume=resume, allow_changes=allow_change or [], faults=faults)
+    except Preempted as stopped:
+        command = ["mbv2", *sys.argv[1:]]
+        if "--resume" not in command:
+            command += ["--resume", "auto"]
+        typer.echo(f"{stopped}\nresume with: {shlex.join(command)}")
+        raise typer.Exit(stopped.exit_code) from None
 
 
 @app.command("eval")
@@ -131,6 +156,24 @@ def data_demo(dest: Annotated[Path, typer.Argument(help="Folder to write train/ 
     state = "written" if info["created"] else "already there"
     typer.echo(f"digits demo dataset {state}: {dest} ({info['train']} train / {info['val']} val images, "
                f"{info['classes']} classes)")
+
+
+@data_app.command("check")
+@reports_user_errors
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="A dataset root (train/ and val/ inside) or one split folder.")],
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Processes to scan with (default: all cores).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Scan a dataset for unreadable images, empty or mismatched class folders and wrong extensions.
+
+    Exits 1 when it finds a problem, 0 otherwise.
+    """
+    from mbv2train.datacheck import check_dataset, format_report
+
+    report = check_dataset(folder, workers=workers)
+    typer.echo(json.dumps(report) if as_json else format_report(report))
+    raise typer.Exit(0 if report["ok"] else 1)
 
 
 @app.command()

@@ -155,36 +155,43 @@ class Config:
     def best_metric(self) -> str:
         return self.train.best_metric or ("ema_val_top1" if self.train.ema else "val_top1")
 
-    def validate(self, where: str) -> None:
-        """Checks that involve more than one key; raises ConfigError prefixed with ``where``."""
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, message) for each check that involves more than one key; empty when all is well."""
         d, o, s, t = self.data, self.optim, self.schedule, self.train
         problems = []
         for key, pair in (("data.scale", d.scale), ("data.ratio", d.ratio)):
             if len(pair) != 2 or pair[0] > pair[1]:
-                problems.append(f"{key}: must be two numbers [low, high], got {list(pair)}")
+                problems.append((key, f"must be two numbers [low, high], got {list(pair)}"))
         if len(o.betas) != 2:
-            problems.append(f"optim.betas: must be two numbers [beta1, beta2], got {list(o.betas)}")
+            problems.append(("optim.betas", f"must be two numbers [beta1, beta2], got {list(o.betas)}"))
         for key, values in (("data.mean", d.mean), ("data.std", d.std)):
             if len(values) != 3:
-                problems.append(f"{key}: must be three numbers (R, G, B), got {list(values)}")
+                problems.append((key, f"must be three numbers (R, G, B), got {list(values)}"))
         if d.val_crop > d.val_resize:
-            problems.append(f"data.val_crop: {d.val_crop} is larger than data.val_resize {d.val_resize}")
+            problems.append(("data.val_crop", f"{d.val_crop} is larger than data.val_resize {d.val_resize}"))
         if d.train_split == d.val_split and d.train_dir is None and d.val_dir is None:
-            problems.append(f"data.val_split: same folder as data.train_split ('{d.train_split}')")
+            problems.append(("data.val_split", f"same folder as data.train_split ('{d.train_split}')"))
         if s.warmup_epochs >= t.epochs:
-            problems.append(f"schedule.warmup_epochs: {s.warmup_epochs:g} is not shorter than "
-                            f"train.epochs {t.epochs}")
+            problems.append(("schedule.warmup_epochs",
+                             f"{s.warmup_epochs:g} is not shorter than train.epochs {t.epochs}"))
         if s.name == "cosine" and s.min_lr > o.lr:
-            problems.append(f"schedule.min_lr: {s.min_lr:g} is above optim.lr {o.lr:g}")
+            problems.append(("schedule.min_lr", f"{s.min_lr:g} is above optim.lr {o.lr:g}"))
         if o.nesterov and (o.name != "sgd" or o.momentum == 0):
-            problems.append("optim.nesterov: needs optim.name sgd with momentum > 0")
+            problems.append(("optim.nesterov", "needs optim.name sgd with momentum > 0"))
         if t.best_metric is not None and t.best_metric not in BEST_METRICS:
-            problems.append(f"train.best_metric: must be one of {', '.join(BEST_METRICS)}; "
-                            f"got {t.best_metric!r}")
+            problems.append(("train.best_metric",
+                             f"must be one of {', '.join(BEST_METRICS)}; got {t.best_metric!r}"))
         elif self.best_metric().startswith("ema_") and not t.ema:
-            problems.append(f"train.best_metric: {self.best_metric()} needs train.ema: true")
-        if problems:
-            raise ConfigError(f"{where}: {problems[0]}")
+            problems.append(("train.best_metric", f"{self.best_metric()} needs train.ema: true"))
+        return problems
+
+
+def _checked(cfg: Config, origin: dict[str, str], default_where: str) -> Config:
+    problems = cfg.problems()
+    if problems:
+        key, message = problems[0]
+        raise ConfigError(f"{origin.get(key, default_where)}: {key}: {message}")
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -195,17 +202,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     option that set it and its value, e.g. {"model.width_mult": ("--width-mult", 0.5)}; they apply last,
     and a None value is skipped.
     """
-    cfg = yaml_schema.load(Config, path, overrides, options)
-    cfg.validate(str(path) if path is not None else "config")
-    return cfg
+    cfg, origin = yaml_schema.load(Config, path, overrides, options)
+    return _checked(cfg, origin, str(path) if path is not None else "config")
 
 
 def config_from_dict(data: dict[str, Any], where: str, overrides: Sequence[str] = (),
                      options: dict[str, tuple[str, Any]] | None = None) -> Config:
     """A Config from a plain dict (e.g. the one a checkpoint saved) plus overrides, checked like a file."""
-    cfg = yaml_schema.load(Config, None, overrides, options, base=(where, data))
-    cfg.validate(where)
-    return cfg
+    cfg, origin = yaml_schema.load(Config, None, overrides, options, base=(where, data))
+    return _checked(cfg, origin, where)
 
 
 def describe_settings() -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Datasets, transforms, samplers and loaders for ImageNet-style folders (root/<split>/<class>/<image>).
 
-Batches leave the workers as uint8 (N, 3, H, W): decoding and geometric augmentation happen in the
+Batches leave the workers as (uint8 images (N, 3, H, W), int64 labels, paths of unreadable files that
+were replaced, "" for the others; see SeededDataset): decoding and geometric augmentation happen in the
 workers, while the float conversion, normalization (engine.Runtime.prepare) and MixUp/CutMix
 (``build_mix_transform``) run on the device. Every random draw of a sample is seeded from (seed, epoch, index), so the
 augmented images do not depend on the number of workers or on where a run was resumed.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -25,8 +27,9 @@ from torchvision.transforms import InterpolationMode, v2
 from mbv2train import rng
 from mbv2train.config import DataConfig
 from mbv2train.errors import DataError
+from mbv2train.preemption import ignore_in_worker
 
-__all__ = ["EpochSampler", "Loaders", "SeededDataset", "build_loaders", "build_mix_transform",
+__all__ = ["BadImageLog", "EpochSampler", "Loaders", "SeededDataset", "build_loaders", "build_mix_transform",
            "build_train_transform", "build_val_loader", "build_val_transform", "find_classes",
            "is_image_file", "load_image", "resolve_dirs"]
 
@@ -109,13 +112,55 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
+# "I" is how PIL opens 16-bit PGM files (and 16-bit PNGs in older versions).
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Decode an opened image fully and return it as upright 8-bit RGB; raises whatever PIL raises."""
+    # Decode now: a truncated JPEG only fails when its pixels are read, and it must fail here, where the
+    # caller names the file, not later inside a transform.
+    img.load()
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # broken EXIF metadata: the pixels are fine, so use them unrotated
+        pass
+    if img.mode in _SIXTEEN_BIT_GRAY:
+        # convert("RGB") clips 16-bit values to 0..255, so almost every pixel turns white; scale instead.
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    elif img.mode == "PA" or (img.mode == "P" and "transparency" in img.info):
+        # Through RGBA, as PIL asks (it warns on a direct P -> RGB with transparency); the alpha is then
+        # dropped as in torchvision's loader, so the colours match what reference pipelines see.
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _read_failure(path: str, exc: BaseException) -> str:
+    """One-line reason why ``path`` could not be read."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_image(path: str) -> Image.Image:
-    """RGB PIL image, rotated as its EXIF orientation says (phone photos are often stored sideways)."""
+    """The image at ``path`` as 8-bit RGB, fully decoded; DataError naming the file if it cannot be read.
+
+    EXIF orientation IS applied (phone photos are often stored sideways with a rotation tag), so a JPEG
+    tagged "rotate 90" comes out with width and height swapped. Grayscale, CMYK, palette and alpha images
+    become RGB (alpha is dropped); 16-bit grayscale is scaled from 0..65535 to 0..255. The format comes
+    from the file's content, not its extension.
+    """
     try:
         with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:  # SyntaxError: some broken files
-        raise DataError(f"cannot read image {path}: {e}") from None
+            return _to_rgb(img)
+    except Exception as e:  # noqa: BLE001 - only PIL reading the user's bytes runs in here; corrupt files
+        # raise OSError, SyntaxError, ValueError, DecompressionBombError and, from some plugins, IndexError
+        # or struct.error: every one of them means this file is unreadable, not that mbv2train has a bug.
+        raise DataError(f"cannot read image {path}: {_read_failure(path, e)}") from None
 
 
 class _ImageFolder(datasets.ImageFolder):
@@ -170,22 +215,43 @@ def build_val_transform(cfg: DataConfig) -> v2.Compose:
 # ---------------------------------------------------------------- dataset and sampler
 
 class SeededDataset(Dataset):
-    """Indexed by (epoch, index); the augmentation of a sample depends only on (seed, epoch, index)."""
+    """Indexed by (epoch, index); the augmentation of a sample depends only on (seed, epoch, index).
 
-    def __init__(self, folder: datasets.DatasetFolder, transform, seed: int):
+    An item is ``(uint8 image, label, bad)``: ``bad`` is "" for a readable sample. With
+    ``bad_images="skip"``, an unreadable file is replaced by the next readable sample (index+1, index+2, ...
+    wrapping around), image and label both, augmented with the original index's seed, and ``bad`` is the
+    unreadable file's path so the training process can warn and count (see BadImageLog). With "error" the
+    loader's DataError propagates.
+    """
+
+    def __init__(self, folder: datasets.DatasetFolder, transform, seed: int, bad_images: str = "error",
+                 max_bad_fraction: float = 1.0, split: str = "train"):
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images must be 'error' or 'skip', not {bad_images!r}")
         self.samples = folder.samples
         self.classes = folder.classes
+        self.root = getattr(folder, "root", "")
         self.loader = getattr(folder, "loader", load_image)
         self.transform = transform
         self.seed = seed
+        self.bad_images = bad_images
+        self.max_bad_fraction = max_bad_fraction
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
         epoch, index = key
         path, label = self.samples[index]
-        image = self.loader(path)
+        bad = ""
+        try:
+            image = self.loader(path)
+        except DataError:
+            if self.bad_images == "error":
+                raise
+            bad = path
+            image, label = self._substitute(index)
         sample_seed = rng.derive_seed(self.seed, rng.SAMPLE, epoch, index)
         # With num_workers=0 this runs in the training process, so the global states are put back
         # afterwards: loading data must never shift dropout or init draws. Only the CPU generator is
@@ -199,7 +265,67 @@ class SeededDataset(Dataset):
         finally:
             cpu.set_state(torch_state)
             random.setstate(py_state)
-        return image, label
+        return image, label, bad
+
+    def _substitute(self, index: int) -> tuple[Image.Image, int]:
+        """Image and label of the first readable sample after ``index`` (wrapping around)."""
+        n = len(self.samples)
+        # A run of consecutive unreadable files is that many distinct bad files; once it is longer than
+        # max_bad_fraction allows, BadImageLog would stop the run anyway, so stop searching here instead of
+        # walking a dataset that is mostly broken once for every sample.
+        allowed = int(self.max_bad_fraction * n)
+        failed = 1
+        for step in range(1, n):
+            path, label = self.samples[(index + step) % n]
+            try:
+                return self.loader(path), label
+            except DataError:
+                failed += 1
+                if failed > allowed and failed < n:
+                    first = self.samples[index][0]
+                    raise DataError(
+                        f"cannot read image {first} nor the {failed - 1} images after it: more than "
+                        f"data.max_bad_fraction {self.max_bad_fraction:g} of the {n} {self.split} images "
+                        f"are unreadable; run `mbv2 data check {self.root}`") from None
+        raise DataError(f"none of the {n} {self.split} images in {self.root} can be read; "
+                        f"run `mbv2 data check {self.root}`")
+
+
+class BadImageLog:
+    """Main-process record of the unreadable files the loader skipped (``bad`` lists of its batches).
+
+    Warns once per distinct file over the whole run, counts substitutions per epoch, and raises DataError
+    once more than ``max_fraction`` of the split's files have turned out unreadable: a few broken files
+    are noise, many mean a broken copy of the dataset that should not be trained on silently.
+    """
+
+    def __init__(self, split_size: int, max_fraction: float, split: str, folder: str | Path | None = None,
+                 warn: bool = True):
+        self.split_size = split_size
+        self.max_fraction = max_fraction
+        self.split = split
+        self.folder = folder
+        self.warn = warn  # False on ranks other than 0, so each file is warned about once per run
+        self.seen: set[str] = set()
+        self.epoch_count = 0
+
+    def start_epoch(self) -> None:
+        self.epoch_count = 0
+
+    def record(self, paths: Sequence[str]) -> None:
+        for path in paths:
+            if not path:
+                continue
+            self.epoch_count += 1
+            if path not in self.seen:
+                self.seen.add(path)
+                if self.warn:
+                    print(f"warning: skipped unreadable image {path}", file=sys.stderr, flush=True)
+        if len(self.seen) > self.max_fraction * self.split_size:
+            folder = self.folder if self.folder is not None else Path(sorted(self.seen)[0]).parent.parent
+            raise DataError(f"{len(self.seen)} of {self.split_size} {self.split} images are unreadable, "
+                            f"more than data.max_bad_fraction {self.max_fraction:g}; "
+                            f"run `mbv2 data check {folder}`")
 
 
 class EpochSampler(Sampler):
@@ -261,8 +387,10 @@ class Loaders:
 
 def _loader_options(cfg: DataConfig, device_type: str) -> dict:
     options = {"num_workers": cfg.num_workers, "pin_memory": device_type == "cuda" and cfg.pin_memory}
-    if cfg.num_workers > 0:  # DataLoader rejects these two without workers
-        options.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
+    if cfg.num_workers > 0:  # DataLoader rejects these without workers
+        # Workers ignore stop signals: the main process finishes its step, saves, and then ends them.
+        options.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor,
+                       worker_init_fn=ignore_in_worker)
     return options
 
 
@@ -274,7 +402,8 @@ def build_val_loader(cfg: DataConfig, val_dir: Path, rank: int = 0, world_size: 
     _check_split(val_dir, "validation")
     folder = _ImageFolder(val_dir)
     # The val transform is deterministic, so the seed and the epoch (always 0) change nothing.
-    dataset = SeededDataset(folder, build_val_transform(cfg), seed=0)
+    dataset = SeededDataset(folder, build_val_transform(cfg), seed=0, bad_images=cfg.bad_images,
+                            max_bad_fraction=cfg.max_bad_fraction, split="val")
     sampler = EpochSampler(len(dataset), seed=0, shuffle=False, rank=rank, world_size=world_size,
                            drop_last=False)
     loader = DataLoader(dataset, batch_size=batch_size or cfg.val_batch_size or cfg.batch_size,
@@ -303,7 +432,8 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
         raise DataError(f"class folders differ between {train_dir} ({len(folder.classes)}) and {val_dir} "
                         f"({len(val_classes)}): {_differences(folder.classes, val_classes)}")
 
-    dataset = SeededDataset(folder, build_train_transform(cfg), seed)
+    dataset = SeededDataset(folder, build_train_transform(cfg), seed, bad_images=cfg.bad_images,
+                            max_bad_fraction=cfg.max_bad_fraction, split="train")
     sampler = EpochSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=world_size)
     train_loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               **_loader_options(cfg, device_type))

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from torch import nn
 
 from mbv2train import rng
 from mbv2train.distributed import all_reduce_sum
+from mbv2train.errors import NonFiniteLoss
+from mbv2train.faults import Faults
 from mbv2train.progress import Progress
 
 
@@ -61,92 +64,180 @@ class TrainSettings:
     grad_clip_norm: Optional[float] = None
     ema_every_steps: int = 1
     log_every_steps: int = 50
+    skip_nonfinite: bool = False
+    max_nonfinite_skips: int = 10
+
+
+@dataclass
+class EpochProgress:
+    """How far an epoch has got, with its running sums: a mid-epoch checkpoint stores it, so that the
+    resumed epoch ends with the same metrics as an uninterrupted one."""
+
+    steps: int = 0  # optimizer steps done in this epoch
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    correct: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    seen: int = 0
+    lr: float = 0.0
+    bad_images: int = 0
+    nonfinite_skips: int = 0
+    scaler_skips: int = 0
+
+    def state(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu()}
+
+    @classmethod
+    def from_state(cls, state: Optional[dict[str, Any]], device: torch.device) -> "EpochProgress":
+        progress = cls(**(state or {}))
+        progress.loss_sum = progress.loss_sum.to(device)
+        progress.correct = progress.correct.to(device)
+        return progress
+
+
+@dataclass
+class EpochHooks:
+    """What the trainer plugs into an epoch."""
+
+    log_step: Optional[Callable[[int, dict], None]] = None  # (global step, values) every log_every_steps
+    after_step: Optional[Callable[[int, EpochProgress], bool]] = None  # after each optimizer step; True: stop
+    bad_images: Optional[Any] = None  # data.BadImageLog: warns about and counts substituted images
+    faults: Faults = field(default_factory=Faults)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: Runtime, settings: TrainSettings,
-                    epoch: int, global_step: int, ema=None, mix: Callable | None = None,
-                    progress: Progress | None = None, log_step: Callable[[int, dict], None] | None = None
-                    ) -> tuple[dict[str, float], int]:
-    """Train over ``loader`` once; returns (metrics, global step after the epoch).
+                    epoch: int, global_step: int, steps_per_epoch: int, done: EpochProgress,
+                    ema=None, mix: Callable | None = None, progress: Progress | None = None,
+                    hooks: Optional[EpochHooks] = None) -> tuple[Optional[dict[str, float]], int]:
+    """Train the rest of an epoch (``done`` says how much is behind); returns (metrics, global step).
 
-    Every micro-step reseeds torch's RNG from (seed, step), so dropout and MixUp/CutMix draws depend only
-    on the position in the run: a run resumed from a checkpoint continues exactly.
+    ``loader``'s sampler must already skip the batches of the ``done.steps`` steps. Metrics are None when
+    ``hooks.after_step`` asked to stop. Every micro-step reseeds torch's RNG from (seed, step), so dropout
+    and MixUp/CutMix draws depend only on the position in the run: a resumed run continues exactly.
     """
+    hooks = hooks or EpochHooks()
     model.train()
     accum = settings.accum_steps
-    steps = len(loader) // accum
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    loss_sum = torch.zeros((), device=rt.device)
-    correct = torch.zeros((), device=rt.device, dtype=torch.long)
-    seen = 0
-    lr = optimizer.param_groups[0]["lr"]
-    data_time = 0.0
+    skipped_in_a_row, step_is_finite = 0, True
+    buffers = [b for b in model.buffers()] if settings.skip_nonfinite else []
+    data_time, seen_here = 0.0, 0
     started = fetch_started = time.perf_counter()
     batches = iter(loader)
-    for micro in range(steps * accum):  # a trailing partial accumulation is dropped: steps stay whole
-        images, labels = next(batches)
+    for micro in range(done.steps * accum, steps_per_epoch * accum):
+        images, labels, bad = next(batches)
         data_time += time.perf_counter() - fetch_started
+        if hooks.bad_images is not None and any(bad):
+            hooks.bad_images.record(bad)
+            done.bad_images += sum(1 for path in bad if path)
         torch.manual_seed(rng.derive_seed(settings.seed, rng.STEP, global_step * accum + micro % accum))
         images, labels = rt.prepare(images, labels)
         targets = labels
         if mix is not None:
             images, targets = mix(images, labels)
+        if micro % accum == 0:
+            step_is_finite = True
+            saved_buffers = [b.clone() for b in buffers]  # a NaN forward must not poison BatchNorm stats
         last_micro = (micro + 1) % accum == 0
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with rt.autocast():
                 logits = model(images)
                 loss = criterion(logits, targets)
-            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
-        loss_sum += loss.detach().float() * len(labels)
-        seen += len(labels)
-        if mix is None:
-            correct += (logits.detach().argmax(1) == labels).sum()
+            if hooks.faults.nan_loss(global_step + 1):
+                loss = loss * float("nan")
+            if not torch.isfinite(loss).item():  # a sync per micro-step: the price of never stepping on NaN
+                if not settings.skip_nonfinite:
+                    raise NonFiniteLoss(f"non-finite loss at step {global_step + 1} (epoch {epoch}); "
+                                        f"the last checkpoint holds finite weights")
+                step_is_finite = False
+            else:
+                (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+                done.loss_sum += loss.detach().float() * len(labels)
+                done.seen += len(labels)
+                seen_here += len(labels)
+                if mix is None:
+                    done.correct += (logits.detach().argmax(1) == labels).sum()
 
         if last_micro:
-            lr = optimizer.param_groups[0]["lr"]
-            _optimizer_step(model, optimizer, scaler, settings.grad_clip_norm)
-            scheduler.step()
+            done.lr = optimizer.param_groups[0]["lr"]
+            if step_is_finite:
+                skipped_in_a_row = 0
+                done.scaler_skips += _optimizer_step(model, optimizer, scaler, settings.grad_clip_norm)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                for buffer, saved in zip(buffers, saved_buffers):
+                    buffer.copy_(saved)
+                done.nonfinite_skips += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= settings.max_nonfinite_skips:
+                    raise NonFiniteLoss(f"{skipped_in_a_row} non-finite losses in a row, the last at step "
+                                        f"{global_step + 1}; giving up (train.max_nonfinite_skips)")
+            with warnings.catch_warnings():
+                # a step skipped (by us or by fp16's GradScaler) still uses up its place on the LR curve
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
             global_step += 1
-            if ema is not None and global_step % settings.ema_every_steps == 0:
+            done.steps += 1
+            if ema is not None and step_is_finite and global_step % settings.ema_every_steps == 0:
                 ema.update_parameters(model)
-            if log_step is not None and global_step % settings.log_every_steps == 0:
-                log_step(global_step, {"loss": loss.item(), "lr": lr})
+            if hooks.log_step is not None and global_step % settings.log_every_steps == 0:
+                hooks.log_step(global_step, {"loss": loss.item(), "lr": done.lr})
+            hooks.faults.after_step(global_step)
+            if hooks.after_step is not None and hooks.after_step(global_step, done):
+                return None, global_step
         if progress is not None:
-            progress.update(lambda: {"loss": f"{loss_sum.item() / seen:.4f}", "lr": f"{lr:.4g}",
-                                     **({"top1": f"{correct.item() / seen:.3f}"} if mix is None else {}),
-                                     "img/s": f"{seen / (time.perf_counter() - started):.0f}"})
+            progress.update(lambda: {"loss": f"{done.loss_sum.item() / max(done.seen, 1):.4f}", "lr": f"{done.lr:.4g}",
+                                     **({"top1": f"{done.correct.item() / max(done.seen, 1):.3f}"} if mix is None else {}),
+                                     "img/s": f"{seen_here / (time.perf_counter() - started):.0f}"})
         fetch_started = time.perf_counter()
 
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=rt.device)]))
+    counts = torch.tensor([float(done.seen), float(seen_here), float(done.bad_images)], device=rt.device)
+    totals = all_reduce_sum(torch.cat([torch.stack([done.loss_sum.float(), done.correct.float()]), counts]))
     elapsed = time.perf_counter() - started  # after the reduction, which waits for the device
-    loss_total, correct_total, seen_total = totals.tolist()
-    metrics = {"train_loss": loss_total / max(seen_total, 1), "lr": lr,
-               "img_per_s": seen_total / elapsed, "epoch_time_s": elapsed, "data_time_frac": data_time / elapsed}
+    loss_total, correct_total, seen_total, seen_here_total, bad_total = totals.tolist()
+    metrics = {"train_loss": loss_total / max(seen_total, 1), "lr": done.lr,
+               "img_per_s": seen_here_total / elapsed, "epoch_time_s": elapsed,
+               "data_time_frac": data_time / elapsed, "bad_images": int(bad_total),
+               "nonfinite_skips": done.nonfinite_skips}
+    if scaler is not None:
+        metrics["scaler_skips"] = done.scaler_skips
     if mix is None:
         metrics["train_top1"] = correct_total / max(seen_total, 1)
     return metrics, global_step
 
 
-def _optimizer_step(model: nn.Module, optimizer, scaler, clip_norm: Optional[float]) -> None:
+def _optimizer_step(model: nn.Module, optimizer, scaler, clip_norm: Optional[float]) -> int:
+    """One optimizer step; returns 1 when fp16's GradScaler skipped it, else 0."""
     if clip_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
         nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    skipped = 0
     if scaler is not None:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        skipped = int(scaler.get_scale() < scale)  # the scaler found inf/NaN gradients and skipped the step
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return skipped
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = None) -> dict[str, float]:
-    """Loss, top-1 and top-5 over every image of ``loader`` (summed over processes): fractions in [0, 1]."""
+def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = None, bad_images=None,
+             should_stop: Callable[[], bool] | None = None) -> Optional[dict[str, float]]:
+    """Loss, top-1 and top-5 over every image of ``loader`` (summed over processes): fractions in [0, 1].
+
+    None when ``should_stop`` turned true part-way (the caller saves and exits; the pass is redone).
+    """
     model.eval()
     sums = torch.zeros(4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, images
-    for images, labels in loader:
+    substituted = 0
+    for images, labels, bad in loader:
+        if bad_images is not None and any(bad):
+            bad_images.record(bad)
+            substituted += sum(1 for path in bad if path)
         images, labels = rt.prepare(images, labels)
         with rt.autocast():
             logits = model(images)
@@ -158,6 +249,11 @@ def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = 
                              torch.tensor(len(labels), device=rt.device, dtype=torch.float64)])
         if progress is not None:
             progress.update(lambda: {"top1": f"{sums[1].item() / max(sums[3].item(), 1):.4f}"})
+        if should_stop is not None and should_stop():
+            return None
     loss, top1, top5, images = all_reduce_sum(sums).tolist()
     n = max(images, 1)
-    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(images)}
+    metrics = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(images)}
+    if bad_images is not None:
+        metrics["bad_images"] = substituted
+    return metrics

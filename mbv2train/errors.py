@@ -28,3 +28,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, or does not fit the run it is loaded into."""
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite (train.nonfinite: raise), or stayed so too long (skip)."""

@@ -1,11 +1,13 @@
-"""What a training checkpoint holds, how it is put back, and which config changes a resume allows."""
+"""What a training checkpoint holds, finding the one to resume from, and which config changes a resume
+allows."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
-from mbv2train.checkpoint import FORMAT_VERSION, versions
-from mbv2train.errors import CheckpointError
+from mbv2train import checkpoint as ckpt
+from mbv2train.errors import CheckpointError, ConfigError
 
 # Settings that change where files are or how fast things run, not what is computed. Any other
 # difference between the saved config and the resumed one would make the run a different experiment.
@@ -19,24 +21,29 @@ HARMLESS_KEYS = {
 
 
 def training_state(*, model, ema, optimizer, scheduler, scaler, epoch: int, global_step: int,
-                   best_metric: str, best_value: float | None, config: dict, class_names: list[str],
-                   world_size: int) -> dict[str, Any]:
-    """Everything needed to continue a run, as tensors and plain containers only (weights_only loads it)."""
+                   epoch_progress: Optional[dict[str, Any]], best_metric: str, best_value: float | None,
+                   config: dict, class_names: list[str], world_size: int) -> dict[str, Any]:
+    """Everything needed to continue a run, as tensors and plain containers only (weights_only loads it).
+
+    ``epoch`` counts completed epochs; ``epoch_progress`` is set when the checkpoint was written inside
+    the next one (after ``epoch_progress["steps"]`` of its optimizer steps).
+    """
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": ckpt.FORMAT_VERSION,
         "model": model.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch,  # epochs completed
+        "epoch": epoch,
+        "epoch_progress": epoch_progress,
         "global_step": global_step,  # optimizer steps completed
         "best_metric": best_metric,
         "best_value": best_value,
         "config": config,
         "class_names": list(class_names),
         "world_size": world_size,
-        "versions": versions(),
+        "versions": ckpt.versions(),
     }
 
 
@@ -50,6 +57,53 @@ def restore(state: dict[str, Any], *, model, ema, optimizer, scheduler, scaler) 
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+
+
+def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str], None]
+                      ) -> Optional[dict[str, Any]]:
+    """The checkpoint to continue from: None for a fresh run, the newest valid one for "auto", or PATH."""
+    if resume is None:
+        if (run_dir / ckpt.LAST).exists():
+            raise CheckpointError(f"{run_dir} already holds a run ({ckpt.LAST}); continue it with --resume auto "
+                                  f"or choose another --output-dir")
+        return None
+    if resume == "auto":
+        if not run_dir.is_dir():
+            return None
+        state, path, skipped = ckpt.newest_valid_checkpoint(run_dir)
+        for reason in skipped:
+            warn(f"warning: skipping a checkpoint: {reason}")
+        if state is None and skipped:
+            raise CheckpointError(f"no valid checkpoint left in {run_dir} to resume from")
+        if path is not None and path.name != ckpt.LAST:
+            warn(f"warning: resuming from {path}")
+        return state
+    state = ckpt.load_checkpoint(resume)
+    if not ckpt.is_training_checkpoint(state):
+        raise CheckpointError(f"{resume}: not a training checkpoint written by mbv2 train (a bare state dict "
+                              f"has no optimizer or schedule to resume)")
+    return state
+
+
+def check_resumable(state: dict[str, Any], config: dict, classes: list[str], world_size: int,
+                    allow_changes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(allowed, harmless) changes against the checkpoint; raises CheckpointError for any other change."""
+    if state["class_names"] != classes:
+        raise CheckpointError("the checkpoint's class list differs from the training data's "
+                              f"({len(state['class_names'])} vs {len(classes)} classes)")
+    for key in allow_changes:
+        section, _, name = key.partition(".")
+        if name not in config.get(section, {}):
+            raise ConfigError(f"--allow-change {key}: not a config key")
+    refused, harmless = config_changes(state["config"], config)
+    if state.get("world_size", 1) != world_size:  # the global batch, hence steps and LR, would change
+        refused.append(f"processes: {state.get('world_size', 1)} -> {world_size}")
+    allowed = [line for line in refused if line.split(":")[0] in allow_changes]
+    refused = [line for line in refused if line not in allowed]
+    if refused:
+        raise CheckpointError("resuming would change the experiment: " + "; ".join(refused)
+                              + " (pass --allow-change KEY to accept a change on purpose)")
+    return allowed, harmless
 
 
 def config_changes(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]

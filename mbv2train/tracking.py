@@ -72,6 +72,12 @@ class NullTracker:
     def close(self) -> None: ...
 
 
+def append_event(path: Path, event: dict[str, Any]) -> None:
+    """A non-epoch row (it has an "event" key), e.g. a config change accepted at a resume."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(event) + "\n")
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

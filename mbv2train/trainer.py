@@ -1,11 +1,13 @@
-"""fit(cfg): builds everything, resumes, runs the epochs, evaluates, saves and logs."""
+"""fit(cfg): builds everything, resumes, runs the epochs, evaluates, saves, logs, and stops cleanly on a
+signal."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import yaml
@@ -14,11 +16,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from mbv2train import checkpoint as ckpt
 from mbv2train import data, engine, optim, rng, run_state
 from mbv2train.config import Config
-from mbv2train.distributed import DistInfo, init_distributed, shutdown_distributed
-from mbv2train.errors import CheckpointError, ConfigError, DataError
+from mbv2train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from mbv2train.errors import ConfigError, DataError
+from mbv2train.faults import NO_FAULTS, Faults
 from mbv2train.model import build_model
+from mbv2train.preemption import Preempted, StopFlag
 from mbv2train.progress import Progress, log
-from mbv2train.tracking import TIMING_FIELDS, NullTracker, Tracker, truncate_metrics
+from mbv2train.tracking import TIMING_FIELDS, NullTracker, Tracker, append_event, truncate_metrics
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -34,9 +38,9 @@ def resolve_device(choice: str) -> torch.device:
 def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
     """auto: bf16 on CUDA GPUs that support it (no loss scaling needed), fp16 on older GPUs, none on CPU.
 
-    On the CPU, full float32 is the default because bf16 speed depends on the processor (it is only
-    fast with native bf16 instructions) and costs accuracy on CPUs that emulate it; ask for it with
-    train.amp: bf16 where it helps (docs/PERFORMANCE.md has measurements).
+    On the CPU, full float32 is the default because bf16 is only fast with native bf16 instructions and
+    emulated (several times slower) without them; ask for it with train.amp: bf16 where it helps
+    (docs/PERFORMANCE.md has measurements).
     """
     if choice == "auto":
         if device.type != "cuda":
@@ -47,124 +51,233 @@ def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
     return AMP_DTYPES[choice]
 
 
-def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
-    """Train according to ``cfg``; ``resume`` is None, "auto" (last.pt in the run dir if any) or a path.
+def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] = (),
+        faults: Faults = NO_FAULTS) -> dict[str, Any]:
+    """Train according to ``cfg``; ``resume`` is None, "auto" (the newest valid checkpoint in the run dir,
+    if any) or a path. ``allow_changes`` lists config keys a resume may change on purpose.
 
-    Returns the last epoch's metrics row (or an empty dict when there was nothing left to train).
+    Returns the last epoch's metrics row (empty when there was nothing left to train). A stop signal
+    makes it save a checkpoint and raise ``Preempted``.
     """
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     dist = init_distributed(device.type)
+    stop = StopFlag().install()
     try:
-        return _fit(cfg, resume, device, amp_dtype, dist)
+        return _Run(cfg, device, amp_dtype, dist, stop, faults).train(resume, allow_changes)
     finally:
+        stop.restore()
         shutdown_distributed()
 
 
-def _fit(cfg: Config, resume: Optional[str], device: torch.device, amp_dtype, dist: DistInfo) -> dict[str, Any]:
-    run_dir = Path(cfg.train.output_dir)
-    say = dist.is_main
-    loaders = data.build_loaders(cfg.data, cfg.train.seed, dist.rank, dist.world_size, device.type)
-    cfg = _with_num_classes(cfg, len(loaders.classes))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+class _Run:
+    def __init__(self, cfg: Config, device: torch.device, amp_dtype, dist: DistInfo, stop: StopFlag,
+                 faults: Faults):
+        self.device, self.amp_dtype, self.dist, self.stop, self.faults = device, amp_dtype, dist, stop, faults
+        self.say = dist.is_main
+        self.run_dir = Path(cfg.train.output_dir)
+        self.loaders = data.build_loaders(cfg.data, cfg.train.seed, dist.rank, dist.world_size, device.type)
+        self.cfg = cfg = _with_num_classes(cfg, len(self.loaders.classes))
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
 
-    state = _find_resume_state(resume, run_dir)
-    if state is not None:
-        _check_resumable(state, cfg, loaders.classes, dist.world_size, say)
+        torch.manual_seed(rng.derive_seed(cfg.train.seed, rng.INIT))
+        self.model = build_model(cfg.model).to(device)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = None
+        if cfg.train.ema:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                                     use_buffers=True)
+        self.global_batch = cfg.data.batch_size * dist.world_size * cfg.train.accum_steps
+        self.optimizer = optim.build_optimizer(self.model, cfg.optim, self.global_batch)
+        self.steps_per_epoch = len(self.loaders.train) // cfg.train.accum_steps
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{self.loaders.train_dir}: too few images for one optimizer step of "
+                            f"{cfg.data.batch_size} x {cfg.train.accum_steps} accumulation steps")
+        self.scheduler = optim.build_scheduler(self.optimizer, cfg.schedule, cfg.train.epochs, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        self.rt = engine.Runtime.create(device, amp_dtype, cfg.train.channels_last, cfg.data.mean, cfg.data.std)
+        self.settings = engine.TrainSettings(
+            seed=cfg.train.seed, label_smoothing=cfg.train.label_smoothing, accum_steps=cfg.train.accum_steps,
+            grad_clip_norm=cfg.train.grad_clip_norm, ema_every_steps=cfg.train.ema_every_steps,
+            log_every_steps=cfg.train.log_every_steps, skip_nonfinite=cfg.train.nonfinite == "skip",
+            max_nonfinite_skips=cfg.train.max_nonfinite_skips)
+        self.bad_train = self.bad_val = None
+        if cfg.data.bad_images == "skip":
+            self.bad_train = data.BadImageLog(len(self.loaders.train.dataset), cfg.data.max_bad_fraction,
+                                              "training", folder=self.loaders.train_dir, warn=self.say)
+            self.bad_val = data.BadImageLog(len(self.loaders.val.dataset), cfg.data.max_bad_fraction,
+                                            "validation", folder=self.loaders.val_dir, warn=self.say)
+        self.tracker = NullTracker()
+        self.best_metric, self.best_value = cfg.best_metric(), None
+        self.epoch, self.global_step = 0, 0  # completed epochs and optimizer steps
+        self.last_save = time.monotonic()
 
-    torch.manual_seed(rng.derive_seed(cfg.train.seed, rng.INIT))
-    model = build_model(cfg.model).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = None
-    if cfg.train.ema:
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-    global_batch = cfg.data.batch_size * dist.world_size * cfg.train.accum_steps
-    optimizer = optim.build_optimizer(model, cfg.optim, global_batch)
-    steps_per_epoch = len(loaders.train) // cfg.train.accum_steps
-    if steps_per_epoch == 0:
-        raise DataError(f"{loaders.train_dir}: too few images for one optimizer step of "
-                        f"{cfg.data.batch_size} x {cfg.train.accum_steps} accumulation steps")
-    scheduler = optim.build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # ---------------------------------------------------------------------------------------- main loop
 
-    start_epoch, global_step, best_value = 0, 0, None
-    if state is not None:
-        run_state.restore(state, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start_epoch, global_step, best_value = state["epoch"], state["global_step"], state["best_value"]
+    def train(self, resume: Optional[str], allow_changes: Sequence[str]) -> dict[str, Any]:
+        cfg, say = self.cfg, self.say
+        warn = lambda message: log(message, say)  # noqa: E731
+        if say:
+            for stale in ckpt.remove_stale_temp_files(self.run_dir):
+                warn(f"warning: removed {stale}, left by a checkpoint write that did not finish")
+        state = run_state.find_resume_state(resume, self.run_dir, warn)
+        done = engine.EpochProgress.from_state(None, self.device)
+        allowed: list[str] = []
+        if state is not None:
+            allowed, harmless = run_state.check_resumable(state, cfg.to_dict(), self.loaders.classes,
+                                                          self.dist.world_size, allow_changes)
+            for line in harmless:
+                warn(f"warning: resuming with a changed setting: {line}")
+            for line in allowed:
+                warn(f"warning: resuming with an allowed change: {line}")
+            run_state.restore(state, model=self.model, ema=self.ema, optimizer=self.optimizer,
+                              scheduler=self.scheduler, scaler=self.scaler)
+            self.epoch, self.global_step = state["epoch"], state["global_step"]
+            self.best_value = state["best_value"]
+            done = engine.EpochProgress.from_state(state.get("epoch_progress"), self.device)
+        self._open_run_dir(fresh=state is None, allowed=allowed)
 
-    tracker = NullTracker()
-    if dist.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"train.output_dir: cannot create {run_dir}: {exc.strerror or exc}") from None
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-        # Rows and curves past the checkpoint belong to an attempt that died before saving: drop them.
-        truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
-        tracker = Tracker(run_dir, purge_step=global_step + 1 if state is not None else 0)
-        if state is None:
-            tracker.hparams(cfg.to_dict())
-            if cfg.train.tb_images:
-                tracker.images(_augmented_samples(loaders.train.dataset, cfg.train.tb_images))
+        train_model = torch.compile(self.model) if cfg.train.compile else self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
 
-    train_model = model
-    if cfg.train.compile:
-        train_model = torch.compile(model)
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+        mix = data.build_mix_transform(cfg.data, cfg.model.num_classes)
+        precision = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        where = (f"resuming at epoch {self.epoch + 1}, step {done.steps}/{self.steps_per_epoch}" if state is not None
+                 else "starting")
+        log(f"run dir {self.run_dir} | {self.device.type} x {self.dist.world_size} | {precision} | "
+            f"{len(self.loaders.classes)} classes | {self.steps_per_epoch} steps/epoch of {self.global_batch} "
+            f"images | {where}", say)
 
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        row: dict[str, Any] = {}
+        start_epoch = self.epoch
+        for epoch in range(self.epoch + 1, cfg.train.epochs + 1):
+            row = self._one_epoch(train_model, epoch, done, mix)
+            done = engine.EpochProgress.from_state(None, self.device)
+        self.tracker.close()
+        if start_epoch >= cfg.train.epochs:
+            log(f"nothing to train: {self.run_dir} already finished its {cfg.train.epochs} epochs", say)
+        else:
+            log(f"done: best {self.best_metric} {self.best_value:.4f}; checkpoints in {self.run_dir} "
+                f"(evaluate with: mbv2 eval --ckpt {self.run_dir / ckpt.BEST})", say)
+        return row
 
-    rt = engine.Runtime.create(device, amp_dtype, cfg.train.channels_last, cfg.data.mean, cfg.data.std)
-    settings = engine.TrainSettings(seed=cfg.train.seed, label_smoothing=cfg.train.label_smoothing,
-                                    accum_steps=cfg.train.accum_steps, grad_clip_norm=cfg.train.grad_clip_norm,
-                                    ema_every_steps=cfg.train.ema_every_steps,
-                                    log_every_steps=cfg.train.log_every_steps)
-    mix = data.build_mix_transform(cfg.data, cfg.model.num_classes)
-    best_metric = cfg.best_metric()
-    precision = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    log(f"run dir {run_dir} | {device.type} x {dist.world_size} | {precision} | "
-        f"{len(loaders.classes)} classes | {steps_per_epoch} steps/epoch of {global_batch} images | "
-        f"{'resuming after epoch ' + str(start_epoch) if state is not None else 'starting'}", say)
-
-    row: dict[str, Any] = {}
-    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
-        loaders.train_sampler.set_epoch(epoch)
-        progress = Progress(len(loaders.train) // cfg.train.accum_steps * cfg.train.accum_steps,
-                            f"epoch {epoch}/{cfg.train.epochs}", cfg.train.log_every_steps, enabled=say)
-        train_metrics, global_step = engine.train_one_epoch(
-            train_model, loaders.train, optimizer, scheduler, scaler, rt, settings, epoch, global_step,
-            ema=ema, mix=mix, progress=progress,
-            log_step=lambda step, values: tracker.scalars(step, values, prefix="step"))
+    def _one_epoch(self, train_model, epoch: int, done: engine.EpochProgress, mix) -> dict[str, Any]:
+        cfg, loaders = self.cfg, self.loaders
+        batch = cfg.data.batch_size * cfg.train.accum_steps
+        loaders.train_sampler.set_epoch(epoch, start_index=done.steps * batch)
+        if self.bad_train is not None:
+            self.bad_train.start_epoch()
+        progress = Progress(self.steps_per_epoch * cfg.train.accum_steps, f"epoch {epoch}/{cfg.train.epochs}",
+                            cfg.train.log_every_steps, enabled=self.say, start=done.steps * cfg.train.accum_steps)
+        hooks = engine.EpochHooks(
+            log_step=lambda step, values: self.tracker.scalars(step, values, prefix="step"),
+            after_step=lambda step, progress_: self._after_step(epoch, step, progress_),
+            bad_images=self.bad_train, faults=self.faults)
+        train_metrics, self.global_step = engine.train_one_epoch(
+            train_model, loaders.train, self.optimizer, self.scheduler, self.scaler, self.rt, self.settings,
+            epoch, self.global_step, self.steps_per_epoch, done, ema=self.ema, mix=mix, progress=progress,
+            hooks=hooks)
         progress.close()
 
         val_started = time.perf_counter()
-        row = {"epoch": epoch, "step": global_step, **train_metrics,
-               **_prefixed("val_", _evaluate(model, loaders.val, rt, f"val {epoch}", say))}
-        if ema is not None:
-            row.update(_prefixed("ema_val_", _evaluate(ema.module, loaders.val, rt, f"ema val {epoch}", say)))
+        row = {"epoch": epoch, "step": self.global_step, **train_metrics}
+        evaluations = [("val_", self.model)] + ([("ema_val_", self.ema.module)] if self.ema is not None else [])
+        for prefix, model in evaluations:
+            progress = Progress(len(loaders.val), f"{prefix.replace('_', ' ').strip()} {epoch}",
+                                log_every=max(len(loaders.val), 1), enabled=self.say)
+            metrics = engine.evaluate(model, loaders.val, self.rt, progress, self.bad_val, self._stop_requested)
+            progress.close()
+            if metrics is None:  # stopped mid-evaluation: save the finished training part, redo the pass
+                self._save_and_stop(epoch, done)
+            row.update({prefix + k: v for k, v in metrics.items()})
         row["val_time_s"] = time.perf_counter() - val_started
 
-        is_best = best_value is None or row[best_metric] > best_value
+        is_best = self.best_value is None or row[self.best_metric] > self.best_value
         if is_best:
-            best_value = row[best_metric]
-        if dist.is_main:
-            tracker.epoch(row, global_step)
-            state = run_state.training_state(
-                model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
-                global_step=global_step, best_metric=best_metric, best_value=best_value,
-                config=cfg.to_dict(), class_names=loaders.classes, world_size=dist.world_size)
-            _save(state, run_dir, epoch, is_best, cfg)
-            log(_epoch_line(row, best_metric, best_value), say)
-    tracker.close()
-    if start_epoch >= cfg.train.epochs:
-        log(f"nothing to train: {run_dir} already finished its {cfg.train.epochs} epochs", say)
-    elif say:
-        log(f"done: best {best_metric} {best_value:.4f}; checkpoints in {run_dir} "
-            f"(evaluate with: mbv2 eval --ckpt {run_dir / ckpt.BEST})")
-    return row
+            self.best_value = row[self.best_metric]
+        self.epoch = epoch
+        if self.say:
+            self.tracker.epoch(row, self.global_step)
+            self._save(epoch_progress=None)
+            if is_best:
+                ckpt.copy_checkpoint(self.run_dir / ckpt.LAST, self.run_dir / ckpt.BEST)
+            if cfg.train.save_every_epochs and epoch % cfg.train.save_every_epochs == 0:
+                ckpt.copy_checkpoint(self.run_dir / ckpt.LAST, self.run_dir / f"epoch_{epoch}.pt")
+                ckpt.prune_epoch_copies(self.run_dir, cfg.train.keep_checkpoints)
+            log(_epoch_line(row, self.best_metric, self.best_value), self.say)
+        if self._stop_requested() and epoch < cfg.train.epochs:
+            raise Preempted(self._signum(), str(self.run_dir / ckpt.LAST), self.global_step)
+        return row
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+
+    def _after_step(self, epoch: int, global_step: int, done: engine.EpochProgress) -> bool:
+        """After every optimizer step: save when a stop signal came or a step/minute interval is up."""
+        self.global_step = global_step
+        if self._stop_requested():
+            self._save_and_stop(epoch, done)
+        every_steps, every_minutes = self.cfg.train.checkpoint_every_steps, self.cfg.train.checkpoint_every_minutes
+        due = bool(every_steps) and self.global_step % every_steps == 0
+        if every_minutes:  # clocks differ between processes: rank 0's decides for all
+            due = self._agree(due or (self.say and time.monotonic() - self.last_save >= every_minutes * 60))
+        if due and done.steps < self.steps_per_epoch:  # the epoch's end saves anyway
+            self._save(epoch_progress=done.state())
+        return False
+
+    def _save_and_stop(self, epoch: int, done: engine.EpochProgress) -> None:
+        self._save(epoch_progress=done.state())
+        raise Preempted(self._signum(), str(self.run_dir / ckpt.LAST), self.global_step)
+
+    def _signum(self) -> int:
+        # another process may have received the signal and this one only agreed to stop
+        return self.stop.signum or signal.SIGTERM
+
+    def _save(self, epoch_progress: Optional[dict[str, Any]]) -> None:
+        self.last_save = time.monotonic()
+        if not self.say:
+            return
+        state = run_state.training_state(
+            model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
+            scaler=self.scaler, epoch=self.epoch, global_step=self.global_step, epoch_progress=epoch_progress,
+            best_metric=self.best_metric, best_value=self.best_value, config=self.cfg.to_dict(),
+            class_names=self.loaders.classes, world_size=self.dist.world_size)
+        ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST, keep_previous=self.run_dir / ckpt.PREVIOUS,
+                             faults=self.faults)
+
+    def _stop_requested(self) -> bool:
+        """A stop signal, agreed on by all processes so that they stop at the same step."""
+        return self._agree(bool(self.stop))
+
+    def _agree(self, mine: bool) -> bool:
+        if not self.dist.enabled:
+            return mine
+        return all_reduce_sum(torch.tensor([float(mine)], device=self.device)).item() > 0
+
+    def _open_run_dir(self, fresh: bool, allowed: list[str]) -> None:
+        if not self.say:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"train.output_dir: cannot create {self.run_dir}: {exc.strerror or exc}") from None
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
+                                                  encoding="utf-8")
+        # Rows and curves past the checkpoint belong to an attempt that died before saving: drop them.
+        metrics = self.run_dir / "metrics.jsonl"
+        truncate_metrics(metrics, self.epoch)
+        if allowed:
+            append_event(metrics, {"event": "allowed_change", "epoch": self.epoch, "step": self.global_step,
+                                   "changes": allowed})
+        self.tracker = Tracker(self.run_dir, purge_step=0 if fresh else self.global_step + 1)
+        if fresh:
+            self.tracker.hparams(self.cfg.to_dict())
+            if self.cfg.train.tb_images:
+                self.tracker.images(_augmented_samples(self.loaders.train.dataset, self.cfg.train.tb_images))
 
 
 def _with_num_classes(cfg: Config, found: int) -> Config:
@@ -177,59 +290,9 @@ def _with_num_classes(cfg: Config, found: int) -> Config:
     return cfg
 
 
-def _find_resume_state(resume: Optional[str], run_dir: Path) -> Optional[dict[str, Any]]:
-    if resume is None:
-        if (run_dir / ckpt.LAST).exists():
-            raise CheckpointError(f"{run_dir} already holds a run ({ckpt.LAST}); continue it with --resume auto "
-                                  f"or choose another --output-dir")
-        return None
-    if resume == "auto":
-        last = run_dir / ckpt.LAST
-        return ckpt.load_checkpoint(last) if last.exists() else None
-    state = ckpt.load_checkpoint(resume)
-    if not ckpt.is_training_checkpoint(state):
-        raise CheckpointError(f"{resume}: not a training checkpoint written by mbv2 train (a bare state dict "
-                              f"has no optimizer or schedule to resume)")
-    return state
-
-
-def _check_resumable(state: dict[str, Any], cfg: Config, classes: list[str], world_size: int, say: bool) -> None:
-    if state["class_names"] != classes:
-        raise CheckpointError("the checkpoint's class list differs from the training data's "
-                              f"({len(state['class_names'])} vs {len(classes)} classes)")
-    refused, harmless = run_state.config_changes(state["config"], cfg.to_dict())
-    if state.get("world_size", 1) != world_size:  # the global batch, hence steps and LR, would change
-        refused.append(f"processes: {state.get('world_size', 1)} -> {world_size}")
-    if refused:
-        raise CheckpointError("resuming would change the experiment: " + "; ".join(refused))
-    for line in harmless:
-        log(f"warning: resuming with a changed setting: {line}", say)
-
-
-def _evaluate(model, loader, rt, desc: str, say: bool) -> dict[str, float]:
-    progress = Progress(len(loader), desc, log_every=max(len(loader), 1), enabled=say)
-    metrics = engine.evaluate(model, loader, rt, progress)
-    progress.close()
-    return metrics
-
-
 def _augmented_samples(dataset, count: int) -> torch.Tensor:
     """The first training images exactly as epoch 1 augments them (uint8), for TensorBoard."""
     return torch.stack([dataset[(1, i)][0] for i in range(min(count, len(dataset)))])
-
-
-def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {prefix + key: value for key, value in metrics.items()}
-
-
-def _save(state: dict[str, Any], run_dir: Path, epoch: int, is_best: bool, cfg: Config) -> None:
-    last = run_dir / ckpt.LAST
-    ckpt.save_checkpoint(state, last)
-    if is_best:
-        ckpt.copy_checkpoint(last, run_dir / ckpt.BEST)
-    if cfg.train.save_every_epochs and epoch % cfg.train.save_every_epochs == 0:
-        ckpt.copy_checkpoint(last, run_dir / f"epoch_{epoch}.pt")
-        ckpt.prune_epoch_copies(run_dir, cfg.train.keep_checkpoints)
 
 
 def _epoch_line(row: dict[str, Any], best_metric: str, best_value: float) -> str:
@@ -237,12 +300,14 @@ def _epoch_line(row: dict[str, Any], best_metric: str, best_value: float) -> str
              f"val_top1 {row['val_top1']:.4f}", f"val_top5 {row['val_top5']:.4f}"]
     if "ema_val_top1" in row:
         parts.append(f"ema_val_top1 {row['ema_val_top1']:.4f}")
-    parts += [f"lr {row['lr']:.4g}", f"{row['img_per_s']:.0f} img/s",
-              f"best {best_metric} {best_value:.4f}"]
+    if row.get("bad_images"):
+        parts.append(f"skipped images {row['bad_images']}")
+    if row.get("nonfinite_skips"):
+        parts.append(f"non-finite steps skipped {row['nonfinite_skips']}")
+    parts += [f"lr {row['lr']:.4g}", f"{row['img_per_s']:.0f} img/s", f"best {best_metric} {best_value:.4f}"]
     return " | ".join(parts)
 
 
 def without_timing(row: dict[str, Any]) -> dict[str, Any]:
     """A metrics row minus the fields that measure time: what two identical runs must agree on."""
     return {k: v for k, v in row.items() if k not in TIMING_FIELDS}
-

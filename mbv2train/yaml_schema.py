@@ -37,13 +37,17 @@ def section_classes(root: type) -> dict[str, type]:
 
 
 def load(root: type, path: str | Path | None = None, overrides: Sequence[str] = (),
-         options: dict[str, tuple[str, Any]] | None = None, base: tuple[str, Any] | None = None) -> Any:
+         options: dict[str, tuple[str, Any]] | None = None, base: tuple[str, Any] | None = None
+         ) -> tuple[Any, dict[str, str]]:
     """Read ``path`` (or start from the defaults when it is None), apply overrides, validate everything.
 
     ``overrides`` are ``--set section.key=value`` strings. ``options`` maps a dotted key to the command-line
     option that set it and its value, e.g. {"model.width_mult": ("--width-mult", 0.5)}; they apply last,
     and a None value is skipped. ``base`` = (name, mapping) stands in for the file: an already parsed
     config, such as the one a checkpoint saved.
+
+    Returns (config, origin): origin maps each dotted key that was set to where it was set ("file.yaml",
+    "--set model.width_mult=2", ...), so that later checks can name the right source.
     """
     raw: dict[str, dict[str, Any]] = {}
     origin: dict[tuple[str, str], str] = {}  # (section, key) -> where its value came from, for messages
@@ -66,7 +70,7 @@ def load(root: type, path: str | Path | None = None, overrides: Sequence[str] = 
         section, key = dotted.split(".")
         raw.setdefault(section, {})[key] = value
         origin[(section, key)] = f"{option} {value}"
-    return _build(root, raw, origin)
+    return _build(root, raw, origin), {f"{section}.{key}": where for (section, key), where in origin.items()}
 
 
 def parse_override(root: type, item: str) -> tuple[str, str, Any]:
@@ -79,7 +83,7 @@ def parse_override(root: type, item: str) -> tuple[str, str, Any]:
     _check_name(root, section, key, f"--set {item}")
     try:
         value = yaml.load(text, Loader=StrictLoader) if text.strip() else None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:
         raise ConfigError(f"--set {item}: value is not valid YAML ({_one_line(exc)})") from None
     return section, key, value
 
@@ -103,9 +107,13 @@ class StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys and reads 1e-4 as a float, not the string YAML 1.1 makes it."""
 
     def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # resolve "<<" merge keys first, as SafeLoader does
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (list, dict)):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a name, not a {type(key).__name__}", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -129,7 +137,7 @@ def _read_file(root: type, path: Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"cannot read config file {path}: {_one_line(exc)}") from None
     try:
         data = yaml.load(text, Loader=StrictLoader)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an integer of more than 4300 digits
         raise ConfigError(f"{path}: invalid YAML: {_one_line(exc)}") from None
     if data is None:  # an empty file: every default
         return {}
@@ -169,6 +177,10 @@ def _one_line(exc: Exception) -> str:
 def _check_name(root: type, section: str, key: str | None, where: str) -> None:
     sections = section_classes(root)
     if section not in sections:
+        owners = [name for name, cls in sections.items() if section in {f.name for f in dataclasses.fields(cls)}]
+        if key is None and owners:  # a key written at the top level instead of under its section
+            raise ConfigError(f"{where}: unknown section '{section}' (did you mean '{owners[0]}.{section}', "
+                              f"written under '{owners[0]}:'?)")
         raise ConfigError(f"{where}: unknown section '{section}'{_suggest(section, sections)}")
     if key is not None:
         keys = [f.name for f in dataclasses.fields(sections[section])]
@@ -212,22 +224,31 @@ def _coerce(value: Any, expected: Any, what: str) -> Any:
         return _coerce(value, inner[0], what)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{what}: must be one of {', '.join(map(str, args))}; got {value!r}")
+            raise ConfigError(f"{what}: must be one of {', '.join(map(str, args))}; got {_short(value)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{what}: expected a list, got {_type_name(type(value))} {value!r}")
+            raise ConfigError(f"{what}: expected a list, got {_type_name(type(value))} {_short(value)}")
         item_type = args[0] if args else Any
         return tuple(_coerce(v, item_type, f"{what}[{i}]") for i, v in enumerate(value))
     if expected is Any:
         return value
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"{what}: must be a finite number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{what}: must be a finite number, got {_short(value)}")
+        return number
     if expected in (int, str, bool) and type(value) is expected:
         return value
-    raise ConfigError(f"{what}: expected {_type_name(expected)}, got {_type_name(type(value))} {value!r}")
+    raise ConfigError(f"{what}: expected {_type_name(expected)}, got {_type_name(type(value))} {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_bounds(value: Any, bounds: dict[str, float], what: str) -> None:
@@ -239,7 +260,7 @@ def _check_bounds(value: Any, bounds: dict[str, float], what: str) -> None:
         ok, symbol = tests[name]
         for v in value if isinstance(value, tuple) else (value,):
             if not ok(v, bound):
-                raise ConfigError(f"{what}: must be {symbol} {bound}, got {value!r}")
+                raise ConfigError(f"{what}: must be {symbol} {bound}, got {_short(value)}")
 
 
 def _type_name(t: Any) -> str:

@@ -49,7 +49,7 @@ def dataset_for(cfg, seed=0):
 
 def one_epoch(loader, sampler, epoch):
     sampler.set_epoch(epoch)
-    images, labels = zip(*loader)
+    images, labels, _ = zip(*loader)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -151,7 +151,7 @@ def test_train_loader_gives_uint8_batches_of_crop_size(cfg):
 
 def test_val_loader_gives_every_image_once_as_uint8(cfg):
     loaders = data.build_loaders(replace(cfg, val_batch_size=4), seed=0)
-    images, labels = zip(*loaders.val)
+    images, labels, _ = zip(*loaders.val)
     assert [len(x) for x in images] == [4, 2]
     assert torch.cat(images).dtype == torch.uint8 and torch.cat(images).shape == (6, 3, 16, 16)
     assert torch.cat(labels).tolist() == [0, 0, 1, 1, 2, 2]

@@ -88,7 +88,7 @@ def test_eval_takes_a_torchvision_state_dict(cli, image_root, tmp_path):
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     correct = 0
     with torch.no_grad():
-        for images, labels in loader:
+        for images, labels, _ in loader:
             correct += (reference((images.float() - mean) / std).argmax(1) == labels).sum().item()
     assert out["top1"] == pytest.approx(correct / 12)
 

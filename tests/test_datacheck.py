@@ -1,0 +1,151 @@
+"""mbv2train.datacheck: the scan behind `mbv2 data check DIR`."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mbv2train.datacheck import check_dataset, format_report
+from mbv2train.errors import DataError
+
+CLASSES = ["cat", "dog"]
+
+
+def write_pngs(folder: Path, count: int, start: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + count):
+        Image.new("RGB", (12, 10), (i * 20, 50, 90)).save(folder / f"img{i}.png")
+
+
+def truncated_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    img = Image.new("RGB", (64, 64))
+    img.putdata([(x * 4, y * 4, (x * y) % 256) for y in range(64) for x in range(64)])
+    img.save(buffer, "JPEG")
+    return buffer.getvalue()[:buffer.tell() // 2]
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A clean dataset: tmp_path/data/{train,val}/{cat,dog}/img*.png."""
+    for split, count in (("train", 3), ("val", 2)):
+        for c in CLASSES:
+            write_pngs(tmp_path / "data" / split / c, count)
+    return tmp_path / "data"
+
+
+def kinds(report) -> list[tuple[str, str]]:
+    """(kind, path relative to the report's root) of each problem."""
+    return [(p["kind"], Path(p["path"]).relative_to(report["root"]).as_posix()) for p in report["problems"]]
+
+
+def test_clean_dataset_is_ok(root):
+    report = check_dataset(root, workers=1)
+    assert report["ok"] is True and report["problems"] == [] and report["notes"] == []
+    assert {k: (v["images"], v["classes"]) for k, v in report["splits"].items()} == {"train": (6, 2),
+                                                                                     "val": (4, 2)}
+    assert format_report(report).splitlines()[-1] == f"ok: {root}: 10 images, no problems"
+
+
+def test_single_split_folder_is_checked_on_its_own(root):
+    report = check_dataset(root / "train", workers=1)
+    assert report["ok"] and list(report["splits"]) == ["train"] and report["splits"]["train"]["images"] == 6
+
+
+@pytest.mark.parametrize("name, content", [
+    ("broken.jpg", truncated_jpeg()),
+    ("empty.jpg", b""),
+    ("notes.jpg", b"not an image\n"),
+    ("._img0.png", b"\x00\x05\x16\x07 macOS resource fork"),
+])
+def test_unreadable_files_are_problems(root, name, content):
+    (root / "val" / "dog" / name).write_bytes(content)
+    report = check_dataset(root, workers=1)
+    assert kinds(report) == [("unreadable", f"val/dog/{name}")] and report["ok"] is False
+    assert report["splits"]["val"]["images"] == 5  # counted like training counts it
+    if name.startswith("._"):
+        assert "macOS resource-fork" in report["problems"][0]["detail"]
+
+
+def test_truncated_file_detail_says_truncated(root):
+    (root / "train" / "cat" / "broken.jpg").write_bytes(truncated_jpeg())
+    assert "image file is truncated" in check_dataset(root, workers=1)["problems"][0]["detail"]
+
+
+def test_empty_class_folder_is_a_problem(root):
+    (root / "train" / "emu").mkdir()
+    (root / "train" / "emu" / "readme.txt").write_text("no images")
+    report = check_dataset(root / "train", workers=1)
+    assert kinds(report) == [("empty_class", "emu")]
+    assert [n["kind"] for n in report["notes"]] == ["ignored_file"]
+
+
+def test_flat_split_points_to_prepare_script(root):
+    flat = root / "val"
+    for c in CLASSES:
+        for image in (flat / c).iterdir():
+            image.rename(flat / f"{c}_{image.name}")
+        (flat / c).rmdir()
+    report = check_dataset(root, workers=1)
+    assert kinds(report) == [("flat_split", "val")]
+    assert "prepare_imagenet_val.py" in report["problems"][0]["detail"]
+    assert report["splits"]["val"] == {"path": str(flat), "images": 4, "classes": 0}
+
+
+def test_class_mismatch_names_the_differing_classes(root):
+    write_pngs(root / "val" / "owl", 1)
+    report = check_dataset(root, workers=1)
+    assert kinds(report) == [("class_mismatch", ".")]
+    assert "only in val: owl" in report["problems"][0]["detail"]
+
+
+def test_extension_mismatch_is_a_warning_level_problem(root):
+    Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "really_png.jpg", "PNG")
+    Image.new("RGB", (8, 8)).save(root / "train" / "dog" / "real.jpeg", "JPEG")  # matches: fine
+    report = check_dataset(root, workers=1)
+    assert kinds(report) == [("extension_mismatch", "train/cat/really_png.jpg")] and report["ok"] is False
+    assert "PNG data in a .jpg file" in report["problems"][0]["detail"]
+    lines = format_report(report).splitlines()
+    assert lines[0].startswith("warning: extension_mismatch: ") and "0 errors, 1 warnings" in lines[-1]
+
+
+def test_non_image_files_are_notes_not_problems(root):
+    (root / "train" / "cat" / "labels.csv").write_text("a,b\n")
+    (root / "train" / "stray.png").write_bytes(b"")  # outside any class folder: training never reads it
+    report = check_dataset(root, workers=1)
+    assert report["ok"] is True
+    assert sorted(Path(n["path"]).name for n in report["notes"]) == ["labels.csv", "stray.png"]
+    assert {n["kind"] for n in report["notes"]} == {"ignored_file"}
+
+
+def test_missing_val_split_is_a_problem(root):
+    for c in CLASSES:
+        for image in (root / "val" / c).iterdir():
+            image.unlink()
+        (root / "val" / c).rmdir()
+    (root / "val").rmdir()
+    assert kinds(check_dataset(root, workers=1)) == [("missing_split", "val")]
+
+
+def test_missing_folder_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"data check: folder .*nowhere does not exist"):
+        check_dataset(tmp_path / "nowhere")
+
+
+def test_parallel_scan_equals_serial_and_is_json(root):
+    (root / "train" / "cat" / "broken.jpg").write_bytes(truncated_jpeg())
+    (root / "val" / "dog" / "empty.jpg").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(root / "val" / "cat" / "png.jpg", "PNG")
+    (root / "train" / "emu").mkdir()
+    write_pngs(root / "train" / "cat", 20, start=10)
+    serial = check_dataset(root, workers=1)
+    parallel = check_dataset(root, workers=2)
+    assert parallel == serial
+    assert json.loads(json.dumps(parallel)) == parallel
+    assert [k for k, _ in kinds(serial)] == ["class_mismatch", "unreadable", "empty_class", "extension_mismatch",
+                                             "unreadable"]
+    lines = format_report(serial).splitlines()
+    assert sum(line.startswith(("error: ", "warning: ")) for line in lines) == 5
+    assert lines[-1] == f"not ok: {root}: 4 errors, 1 warnings in 33 images"
