@@ -33,7 +33,7 @@ class InMemoryLoader:
         return self.steps
 
     def __iter__(self):
-        return iter([(self.images, self.labels)] * self.steps)
+        return iter([(self.images, self.labels, ("",) * len(self.labels))] * self.steps)
 
 
 class ConstantLR:
@@ -73,11 +73,11 @@ def mbv2_step(args, device, images, labels, channels_last: bool, amp: str) -> fl
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     rt = engine.Runtime.create(device, dtype, channels_last, MEAN, STD)
     settings = engine.TrainSettings(seed=0, log_every_steps=10**9)
-    engine.train_one_epoch(model, InMemoryLoader(images, labels, args.warmup), optimizer, ConstantLR(), scaler,
-                           rt, settings, epoch=0, global_step=0)
-    sync(device)
-    metrics, _ = engine.train_one_epoch(model, InMemoryLoader(images, labels, args.steps), optimizer, ConstantLR(),
-                                        scaler, rt, settings, epoch=1, global_step=args.warmup)
+    for steps, epoch in ((args.warmup, 0), (args.steps, 1)):  # warm-up epoch, then the timed one
+        sync(device)
+        metrics, _ = engine.train_one_epoch(model, InMemoryLoader(images, labels, steps), optimizer, ConstantLR(),
+                                            scaler, rt, settings, epoch=epoch, global_step=0, steps_per_epoch=steps,
+                                            done=engine.EpochProgress())
     return metrics["img_per_s"]
 
 
