@@ -322,3 +322,32 @@ def test_unusual_files_never_count_as_bad(tmp_path):
         DataConfig(val_resize=8, val_crop=8)), seed=0, bad_images="skip", max_bad_fraction=0.0)
     items = [dataset[(0, i)] for i in range(len(dataset))]
     assert all(bad == "" and image.shape == (3, 8, 8) for image, _, bad in items)
+
+
+# ---------------------------------------------------------------- through `mbv2 train`
+
+def train_command(root, run, *extra):
+    args = ["train", "--data", str(root), "--output-dir", str(run)]
+    for item in ("model.width_mult=0.25", "data.image_size=16", "data.val_resize=16", "data.val_crop=16",
+                 "data.batch_size=7", "data.num_workers=0", "train.epochs=2", "train.tb_images=0", *extra):
+        args += ["--set", item]
+    return args
+
+
+def test_mbv2_train_with_skip_counts_the_three_bad_files_every_epoch(cli, bad_root, bad_paths, tmp_path):
+    from mbv2train.tracking import read_metrics
+
+    result = cli(*train_command(bad_root, tmp_path / "run", "data.bad_images=skip", "data.max_bad_fraction=0.2"))
+    assert result.exit_code == 0, result.output
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["bad_images"] for r in rows] == [3, 3]
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped unreadable image")]
+    assert sorted(line.rsplit(" ", 1)[1] for line in warned) == bad_paths  # once each, over both epochs
+
+
+def test_mbv2_train_with_error_stops_with_one_line_naming_a_bad_file(cli, bad_root, bad_paths, tmp_path):
+    result = cli(*train_command(bad_root, tmp_path / "run"))
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read image ")
+    assert any(path in lines[0] for path in bad_paths)

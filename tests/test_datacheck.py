@@ -149,3 +149,25 @@ def test_parallel_scan_equals_serial_and_is_json(root):
     lines = format_report(serial).splitlines()
     assert sum(line.startswith(("error: ", "warning: ")) for line in lines) == 5
     assert lines[-1] == f"not ok: {root}: 4 errors, 1 warnings in 33 images"
+
+
+def test_data_check_command_exits_0_when_clean_and_1_with_problems(cli, image_root, tmp_path):
+    import json
+    import shutil
+
+    clean = cli("data", "check", image_root, "--workers", "1")
+    assert clean.exit_code == 0, clean.output
+    root = tmp_path / "copy"
+    shutil.copytree(image_root, root)
+    (root / "train" / "square" / "bad.jpg").write_text("text, not a JPEG")
+    damaged = cli("data", "check", root, "--json", "--workers", "1")
+    assert damaged.exit_code == 1
+    report = json.loads(damaged.stdout)
+    assert report["ok"] is False
+    assert {"kind": "unreadable", "path": str(root / "train" / "square" / "bad.jpg")}.items() <= \
+        next(p for p in report["problems"] if p["kind"] == "unreadable").items()
+
+
+def test_data_check_on_a_missing_folder_exits_2(cli, tmp_path):
+    result = cli("data", "check", tmp_path / "nowhere")
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
