@@ -1,7 +1,7 @@
 """The engine of ``mbv2 data check DIR``: find what would stop or quietly spoil a run, before it starts.
 
 A broken file usually surfaces hours into an epoch; this scan decodes every image once, with all cores,
-exactly as training would (``data.load_image``), and checks the folder layout the loaders expect. The
+exactly as training would (``folders.load_image``), and checks the folder layout the loaders expect. The
 report is a plain dict (JSON-able); ``format_report`` turns it into lines for people.
 """
 
@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from PIL import Image
 
-from mbv2train import data
+from mbv2train import data, folders
 from mbv2train.errors import DataError
 
 __all__ = ["PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report"]
@@ -40,9 +40,9 @@ def _inspect(path: str) -> Optional[tuple[str, str]]:
     try:
         with Image.open(path) as img:
             found = img.format
-            data._to_rgb(img)  # the very decoding training does, load() included: truncation shows here
-    except Exception as e:  # noqa: BLE001 - as in data.load_image: any failure to decode means unreadable
-        reason = data._read_failure(path, e)
+            folders.to_rgb(img)  # the very decoding training does, load() included: truncation shows here
+    except Exception as e:  # noqa: BLE001 - as in folders.load_image: any failure to decode means unreadable
+        reason = folders.read_failure(path, e)
         if os.path.basename(path).startswith("._"):
             reason += " (a macOS resource-fork file; such ._* files can be deleted)"
         return "unreadable", reason
@@ -57,15 +57,15 @@ def _inspect(path: str) -> Optional[tuple[str, str]]:
 def _scan_split(split_dir: Path) -> tuple[dict, list[str], list[str], list[dict], list[dict]]:
     """(counts, class names, image paths, problems, notes) of one split folder, without decoding."""
     problems, notes = [], []
-    classes = data._class_folders(split_dir)
+    classes = folders.class_folders(split_dir)
     top_files = sorted(e.name for e in os.scandir(split_dir) if e.is_file())
     if not classes:
-        flat = [str(split_dir / name) for name in top_files if data.is_image_file(name)]
+        flat = [str(split_dir / name) for name in top_files if folders.is_image_file(name)]
         if flat:
             # ImageNet's validation archive unpacks to 50,000 images in one folder.
             problems.append(_problem("flat_split", split_dir, (
                 f"{len(flat)} images but no class folders; if it is ImageNet's flat val folder, sort it "
-                f"first: {data.PREPARE_VAL_HINT} {split_dir} --labels LOC_val_solution.csv")))
+                f"first: {folders.PREPARE_VAL_HINT} {split_dir} --labels LOC_val_solution.csv")))
         else:
             problems.append(_problem("empty_split", split_dir,
                                      f"no class folders and no images; expected {split_dir}/<class>/<image>"))
@@ -80,14 +80,14 @@ def _scan_split(split_dir: Path) -> tuple[dict, list[str], list[str], list[dict]
         for folder, _, files in sorted(os.walk(split_dir / name, followlinks=True)):
             for file in sorted(files):
                 path = os.path.join(folder, file)
-                if data.is_image_file(file):
+                if folders.is_image_file(file):
                     images.append(path)
                     found += 1
                 else:
                     notes.append(_problem("ignored_file", path, "not an image extension; training ignores it"))
         if not found:
             problems.append(_problem("empty_class", split_dir / name,
-                                     f"class folder has no images ({' '.join(data.IMG_EXTENSIONS)})"))
+                                     f"class folder has no images ({' '.join(folders.IMG_EXTENSIONS)})"))
     return {"images": len(images), "classes": len(classes)}, classes, images, problems, notes
 
 

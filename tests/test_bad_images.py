@@ -101,7 +101,7 @@ def test_skip_substitutes_are_the_same_across_runs_and_worker_counts(bad_root, b
 
 def test_substitute_is_next_readable_sample_augmented_with_the_original_seed(bad_root, bad_paths):
     cfg = skip_cfg(bad_root, hflip=0.5, auto_augment="randaugment")
-    folder = data._ImageFolder(bad_root / "train")
+    folder = data.ImageFolderDataset(bad_root / "train")
     dataset = SeededDataset(folder, data.build_train_transform(cfg), seed=5, bad_images="skip",
                             max_bad_fraction=0.2)
     paths = [p for p, _ in dataset.samples]
@@ -202,7 +202,7 @@ def test_training_with_too_many_bad_images_stops(bad_root, bad_paths):
 def test_a_long_run_of_bad_files_stops_the_worker_naming_the_file(bad_root):
     for i in range(4):
         (bad_root / "train" / "cat" / f"a{i}.jpg").write_bytes(b"")
-    folder = data._ImageFolder(bad_root / "train")
+    folder = data.ImageFolderDataset(bad_root / "train")
     dataset = SeededDataset(folder, data.build_train_transform(skip_cfg(bad_root)), 0, bad_images="skip",
                             max_bad_fraction=0.1)  # 2 of 22 allowed; a0..a3 are 4 bad files in a row
     with pytest.raises(DataError, match=r"cannot read image .*cat/a0\.jpg nor the 2 images after it: more "
@@ -214,7 +214,7 @@ def test_every_file_unreadable_is_an_error(tmp_path):
     for c in CLASSES:
         (tmp_path / c).mkdir()
         (tmp_path / c / "x.jpg").write_bytes(b"")
-    folder = data._ImageFolder(tmp_path)
+    folder = data.ImageFolderDataset(tmp_path)
     dataset = SeededDataset(folder, data.build_val_transform(DataConfig()), 0, bad_images="skip",
                             max_bad_fraction=1.0)
     with pytest.raises(DataError, match=r"none of the 3 train images in .* can be read"):
@@ -318,7 +318,7 @@ def test_unusual_files_never_count_as_bad(tmp_path):
     save(gradient(), folder / "png.jpg", "PNG")
     if features.check("webp"):
         save(gradient(), folder / "webp.jpg", "WEBP")
-    dataset = SeededDataset(data._ImageFolder(tmp_path), data.build_val_transform(
+    dataset = SeededDataset(data.ImageFolderDataset(tmp_path), data.build_val_transform(
         DataConfig(val_resize=8, val_crop=8)), seed=0, bad_images="skip", max_bad_fraction=0.0)
     items = [dataset[(0, i)] for i in range(len(dataset))]
     assert all(bad == "" and image.shape == (3, 8, 8) for image, _, bad in items)

@@ -44,7 +44,7 @@ def cfg(root):
 
 def dataset_for(cfg, seed=0):
     train_dir, _ = data.resolve_dirs(cfg)
-    return SeededDataset(data._ImageFolder(train_dir), data.build_train_transform(cfg), seed)
+    return SeededDataset(data.ImageFolderDataset(train_dir), data.build_train_transform(cfg), seed)
 
 
 def one_epoch(loader, sampler, epoch):
@@ -107,12 +107,12 @@ def test_class_folder_without_images_is_named(root):
 def test_image_folder_names_class_folder_without_images(root):
     (root / "train" / "emu").mkdir()
     with pytest.raises(DataError, match=r"class folder .*emu has no images"):
-        data._ImageFolder(root / "train")
+        data.ImageFolderDataset(root / "train")
 
 
 def test_upper_case_extensions_are_images(root):
     write_images(root / "train" / "cat", 2, start=100, ext=".JPG")
-    assert len(data._ImageFolder(root / "train")) == 6 * 3 + 2
+    assert len(data.ImageFolderDataset(root / "train")) == 6 * 3 + 2
 
 
 def test_class_mismatch_names_differing_classes(cfg, root):

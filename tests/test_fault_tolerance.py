@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from conftest import TINY_RUN
-from mbv2train import checkpoint as ckpt
 from mbv2train.errors import CheckpointError, NonFiniteLoss
 from mbv2train.faults import Faults
 from mbv2train.preemption import Preempted

@@ -5,7 +5,6 @@ import pytest
 import torch
 import yaml
 
-from mbv2train.checkpoint import load_checkpoint
 from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.tracking import read_metrics
 from mbv2train.trainer import fit, without_timing
