@@ -99,7 +99,7 @@ class EpochHooks:
     """What the trainer plugs into an epoch."""
 
     log_step: Optional[Callable[[int, dict], None]] = None  # (global step, values) every log_every_steps
-    after_step: Optional[Callable[[int, EpochProgress], bool]] = None  # after each optimizer step; True: stop
+    after_step: Optional[Callable[[int, EpochProgress], None]] = None  # after each optimizer step; may raise
     bad_images: Optional[Any] = None  # data.BadImageLog: warns about and counts substituted images
     faults: Faults = field(default_factory=Faults)
 
@@ -107,12 +107,13 @@ class EpochHooks:
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: Runtime, settings: TrainSettings,
                     epoch: int, global_step: int, steps_per_epoch: int, done: EpochProgress,
                     ema=None, mix: Callable | None = None, progress: Progress | None = None,
-                    hooks: Optional[EpochHooks] = None) -> tuple[Optional[dict[str, float]], int]:
+                    hooks: Optional[EpochHooks] = None) -> tuple[dict[str, float], int]:
     """Train the rest of an epoch (``done`` says how much is behind); returns (metrics, global step).
 
-    ``loader``'s sampler must already skip the batches of the ``done.steps`` steps. Metrics are None when
-    ``hooks.after_step`` asked to stop. Every micro-step reseeds torch's RNG from (seed, step), so dropout
-    and MixUp/CutMix draws depend only on the position in the run: a resumed run continues exactly.
+    ``loader``'s sampler must already skip the batches of the ``done.steps`` steps; ``done`` is updated as
+    the epoch goes, so ``hooks.after_step`` can checkpoint it. Every micro-step reseeds torch's RNG from
+    (seed, step), so dropout and MixUp/CutMix draws depend only on the position in the run: a resumed run
+    continues exactly.
     """
     hooks = hooks or EpochHooks()
     model.train()
@@ -183,12 +184,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
             if hooks.log_step is not None and global_step % settings.log_every_steps == 0:
                 hooks.log_step(global_step, {"loss": loss.item(), "lr": done.lr})
             hooks.faults.after_step(global_step)
-            if hooks.after_step is not None and hooks.after_step(global_step, done):
-                return None, global_step
+            if hooks.after_step is not None:
+                hooks.after_step(global_step, done)
         if progress is not None:
-            progress.update(lambda: {"loss": f"{done.loss_sum.item() / max(done.seen, 1):.4f}", "lr": f"{done.lr:.4g}",
-                                     **({"top1": f"{done.correct.item() / max(done.seen, 1):.3f}"} if mix is None else {}),
-                                     "img/s": f"{seen_here / (time.perf_counter() - started):.0f}"})
+            progress.update(lambda: _progress_fields(done, mix is None, seen_here / (time.perf_counter() - started)))
         fetch_started = time.perf_counter()
 
     counts = torch.tensor([float(done.seen), float(seen_here), float(done.bad_images)], device=rt.device)
@@ -204,6 +203,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
     if mix is None:
         metrics["train_top1"] = correct_total / max(seen_total, 1)
     return metrics, global_step
+
+
+def _progress_fields(done: EpochProgress, with_top1: bool, images_per_s: float) -> dict[str, str]:
+    fields_ = {"loss": f"{done.loss_sum.item() / max(done.seen, 1):.4f}", "lr": f"{done.lr:.4g}"}
+    if with_top1:
+        fields_["top1"] = f"{done.correct.item() / max(done.seen, 1):.3f}"
+    fields_["img/s"] = f"{images_per_s:.0f}"
+    return fields_
 
 
 def _optimizer_step(model: nn.Module, optimizer, scaler, clip_norm: Optional[float]) -> int:

@@ -216,7 +216,7 @@ class _Run:
 
     # ---------------------------------------------------------------------------------------- checkpoints
 
-    def _after_step(self, epoch: int, global_step: int, done: engine.EpochProgress) -> bool:
+    def _after_step(self, epoch: int, global_step: int, done: engine.EpochProgress) -> None:
         """After every optimizer step: save when a stop signal came or a step/minute interval is up."""
         self.global_step = global_step
         if self._stop_requested():
@@ -227,7 +227,6 @@ class _Run:
             due = self._agree(due or (self.say and time.monotonic() - self.last_save >= every_minutes * 60))
         if due and done.steps < self.steps_per_epoch:  # the epoch's end saves anyway
             self._save(epoch_progress=done.state())
-        return False
 
     def _save_and_stop(self, epoch: int, done: engine.EpochProgress) -> None:
         self._save(epoch_progress=done.state())
