@@ -316,3 +316,13 @@ def test_bad_fault_option_is_one_line(cli):
     result = cli("train", "--fault", "explode=1")
     assert result.exit_code == 2
     assert "--fault explode=1: expected one of" in result.stderr
+
+
+def test_minute_checkpoints_are_written_inside_the_epoch(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    # 0.001 minutes = 60 ms, shorter than one step with the injected sleep: every step is due
+    with pytest.raises(Preempted):
+        fit(tiny_config(*SMALL_STEPS, "train.checkpoint_every_minutes=0.001", run_dir=run),
+            faults=Faults(sleep_per_step=0.1, sigterm_at_step=4))
+    assert load(run / "previous.pt")["global_step"] == 3
+    assert load(run / "previous.pt")["epoch_progress"]["steps"] == 3
