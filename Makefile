@@ -26,7 +26,6 @@ test: $(VENV)/.installed-dev
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-torch: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
