@@ -8,6 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# Byte-compiling torch's thousands of files at install costs about half a minute; Python compiles
+# what is imported, when it is first imported, anyway.
+PIP_FLAGS ?= --no-compile --disable-pip-version-check
 
 BIN := $(VENV)/bin
 
@@ -28,15 +31,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-torch: | $(BIN)/python
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) $(TORCH_SPEC)
 	touch $@
 
 $(VENV)/.installed-demo: pyproject.toml $(VENV)/.installed-torch
-	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e '.[demo]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-torch
-	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
+	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e '.[dev,demo]'
 	touch $@
 
 clean:
