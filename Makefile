@@ -30,16 +30,13 @@ test: $(VENV)/.installed-dev
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-torch: | $(BIN)/python
-	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) $(TORCH_SPEC)
+# torch and the project in one pip call: one resolver pass over both is faster than two.
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) $(TORCH_SPEC) -e '.[demo]'
 	touch $@
 
-$(VENV)/.installed-demo: pyproject.toml $(VENV)/.installed-torch
-	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e '.[demo]'
-	touch $@
-
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-torch
-	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) -e '.[dev,demo]'
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) $(TORCH_SPEC) -e '.[dev,demo]'
 	touch $@
 
 clean:
