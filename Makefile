@@ -8,9 +8,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
-# Byte-compiling torch's thousands of files at install costs about half a minute; Python compiles
-# what is imported, when it is first imported, anyway.
-PIP_FLAGS ?= --no-compile --disable-pip-version-check
+PIP_FLAGS ?= --disable-pip-version-check
+# The demo imports a small part of torch: byte-compiling all its files at install time (about half a
+# minute) costs more than compiling what the demo imports. The tests start many processes, so `make test`
+# installs compiled.
+DEMO_PIP_FLAGS ?= --no-compile
 
 BIN := $(VENV)/bin
 
@@ -32,7 +34,7 @@ $(BIN)/python:
 
 # torch and the project in one pip call: one resolver pass over both is faster than two.
 $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) $(TORCH_SPEC) -e '.[demo]'
+	$(BIN)/python -m pip install --quiet $(PIP_FLAGS) $(DEMO_PIP_FLAGS) $(TORCH_SPEC) -e '.[demo]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
