@@ -1,3 +1,6 @@
+import io
+import zlib
+
 import pytest
 from typer.testing import CliRunner
 
@@ -69,3 +72,26 @@ def tiny_config(image_root, tmp_path):
         return load_config(None, [*TINY_RUN, f"data.root={image_root}", f"train.output_dir={run_dir}", *overrides])
 
     return make
+
+
+def write_images(folder, count: int, size=(20, 24), start: int = 0, ext: str = ".png"):
+    """``count`` random RGB images folder/img{start}..{ext}; the same folder and start give the same pixels."""
+    import torch
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(zlib.crc32(str(folder).encode()) + start)
+    for i in range(start, start + count):
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=gen)
+        Image.fromarray(pixels.numpy(), "RGB").save(folder / f"img{i}{ext}")
+
+
+def truncated_jpeg() -> bytes:
+    """The first half of a valid 64x64 JPEG: opens, but fails to decode."""
+    import torch
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    pixels = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(pixels.numpy(), "RGB").save(buffer, "JPEG")
+    return buffer.getvalue()[:buffer.tell() // 2]

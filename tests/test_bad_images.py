@@ -1,6 +1,5 @@
 """Unreadable images (data.bad_images: error | skip) and unusual but valid files that must load."""
 
-import io
 import re
 import warnings
 from dataclasses import replace
@@ -10,27 +9,13 @@ import pytest
 import torch
 from PIL import Image, features
 
+from conftest import truncated_jpeg, write_images
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.data import BadImageLog, SeededDataset
 from mbv2train.errors import DataError
 
 CLASSES = ["cat", "dog", "fox"]
-
-
-def write_pngs(folder: Path, count: int, size=(20, 24)):
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(len(str(folder)))
-    for i in range(count):
-        pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=gen)
-        Image.fromarray(pixels.numpy(), "RGB").save(folder / f"img{i}.png")
-
-
-def truncated_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    pixels = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    Image.fromarray(pixels.numpy(), "RGB").save(buffer, "JPEG")
-    return buffer.getvalue()[:buffer.tell() // 2]
 
 
 def write_bad_files(split_dir: Path) -> list[str]:
@@ -47,8 +32,8 @@ def bad_root(tmp_path):
     """train: 6 good PNGs + 1 bad file per class (21 samples); val: 2 good PNGs per class."""
     root = tmp_path / "data"
     for c in CLASSES:
-        write_pngs(root / "train" / c, 6)
-        write_pngs(root / "val" / c, 2)
+        write_images(root / "train" / c, 6)
+        write_images(root / "val" / c, 2)
     return root
 
 

@@ -1,7 +1,6 @@
 import random
 import subprocess
 import sys
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_images
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.data import EpochSampler, SeededDataset
@@ -17,14 +17,6 @@ from mbv2train.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "fox"]
-
-
-def write_images(folder: Path, count: int, size=(20, 24), start: int = 0, ext: str = ".png"):
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(zlib.crc32(str(folder).encode()) + start)
-    for i in range(start, start + count):
-        pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=gen)
-        Image.fromarray(pixels.numpy(), "RGB").save(folder / f"img{i}{ext}")
 
 
 @pytest.fixture

@@ -1,30 +1,16 @@
 """mbv2train.datacheck: the scan behind `mbv2 data check DIR`."""
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import truncated_jpeg, write_images
 from mbv2train.datacheck import check_dataset, format_report
 from mbv2train.errors import DataError
 
 CLASSES = ["cat", "dog"]
-
-
-def write_pngs(folder: Path, count: int, start: int = 0):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(start, start + count):
-        Image.new("RGB", (12, 10), (i * 20, 50, 90)).save(folder / f"img{i}.png")
-
-
-def truncated_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    img = Image.new("RGB", (64, 64))
-    img.putdata([(x * 4, y * 4, (x * y) % 256) for y in range(64) for x in range(64)])
-    img.save(buffer, "JPEG")
-    return buffer.getvalue()[:buffer.tell() // 2]
 
 
 @pytest.fixture
@@ -32,7 +18,7 @@ def root(tmp_path):
     """A clean dataset: tmp_path/data/{train,val}/{cat,dog}/img*.png."""
     for split, count in (("train", 3), ("val", 2)):
         for c in CLASSES:
-            write_pngs(tmp_path / "data" / split / c, count)
+            write_images(tmp_path / "data" / split / c, count)
     return tmp_path / "data"
 
 
@@ -95,7 +81,7 @@ def test_flat_split_points_to_prepare_script(root):
 
 
 def test_class_mismatch_names_the_differing_classes(root):
-    write_pngs(root / "val" / "owl", 1)
+    write_images(root / "val" / "owl", 1)
     report = check_dataset(root, workers=1)
     assert kinds(report) == [("class_mismatch", ".")]
     assert "only in val: owl" in report["problems"][0]["detail"]
@@ -139,7 +125,7 @@ def test_parallel_scan_equals_serial_and_is_json(root):
     (root / "val" / "dog" / "empty.jpg").write_bytes(b"")
     Image.new("RGB", (8, 8)).save(root / "val" / "cat" / "png.jpg", "PNG")
     (root / "train" / "emu").mkdir()
-    write_pngs(root / "train" / "cat", 20, start=10)
+    write_images(root / "train" / "cat", 20, start=10)
     serial = check_dataset(root, workers=1)
     parallel = check_dataset(root, workers=2)
     assert parallel == serial
