@@ -52,3 +52,18 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def current_rank() -> int:
+    """This process's rank (0 outside torchrun)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """Whether a boolean tensor is true on every process: one small reduction, so that all ranks take
+    the same branch (a rank that skips a backward pass while the others all-reduce gradients would hang)."""
+    value = flag.to(torch.int32)
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

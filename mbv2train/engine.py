@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbv2train import rng
-from mbv2train.distributed import all_reduce_sum
+from mbv2train.distributed import all_ranks_true, all_reduce_sum, current_rank
 from mbv2train.errors import NonFiniteLoss
 from mbv2train.faults import Faults
 from mbv2train.progress import Progress
@@ -121,6 +121,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     skipped_in_a_row, step_is_finite = 0, True
     buffers = [b for b in model.buffers()] if settings.skip_nonfinite else []
+    rank = current_rank()
     data_time, seen_here = 0.0, 0
     started = fetch_started = time.perf_counter()
     batches = iter(loader)
@@ -138,32 +139,40 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
         if micro % accum == 0:
             step_is_finite = True
             saved_buffers = [b.clone() for b in buffers]  # a NaN forward must not poison BatchNorm stats
+            # this step's sums join the epoch's only if the step is taken
+            step_loss, step_correct, step_seen = torch.zeros((), device=rt.device), torch.zeros(
+                (), dtype=torch.long, device=rt.device), 0
         last_micro = (micro + 1) % accum == 0
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with rt.autocast():
                 logits = model(images)
                 loss = criterion(logits, targets)
-            if hooks.faults.nan_loss(global_step + 1):
+            if hooks.faults.nan_loss(global_step + 1, rank, micro % accum + 1):
                 loss = loss * float("nan")
-            if not torch.isfinite(loss).item():  # a sync per micro-step: the price of never stepping on NaN
+            # A sync per micro-step, the price of never stepping on NaN. Under torchrun all ranks agree,
+            # so that they all skip the backward pass or none does.
+            if not all_ranks_true(torch.isfinite(loss)):
                 if not settings.skip_nonfinite:
                     raise NonFiniteLoss(f"non-finite loss at step {global_step + 1} (epoch {epoch}); "
                                         f"the last checkpoint holds finite weights")
                 step_is_finite = False
-            else:
+            elif step_is_finite:
                 (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
-                done.loss_sum += loss.detach().float() * len(labels)
-                done.seen += len(labels)
-                seen_here += len(labels)
+                step_loss += loss.detach().float() * len(labels)
+                step_seen += len(labels)
                 if mix is None:
-                    done.correct += (logits.detach().argmax(1) == labels).sum()
+                    step_correct += (logits.detach().argmax(1) == labels).sum()
 
         if last_micro:
             done.lr = optimizer.param_groups[0]["lr"]
             if step_is_finite:
                 skipped_in_a_row = 0
                 done.scaler_skips += _optimizer_step(model, optimizer, scaler, settings.grad_clip_norm)
+                done.loss_sum += step_loss
+                done.correct += step_correct
+                done.seen += step_seen
+                seen_here += step_seen
             else:
                 optimizer.zero_grad(set_to_none=True)
                 for buffer, saved in zip(buffers, saved_buffers):

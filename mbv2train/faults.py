@@ -3,6 +3,8 @@
 They come only from the hidden `mbv2 train --fault NAME=VALUE` option and are inert otherwise:
     nan_loss_at_step=N       the loss of optimizer step N (1-based) becomes NaN
     nan_loss_from_step=N     ... and of every step after it
+    nan_loss_rank=R          ... only in the process of rank R (under torchrun)
+    nan_loss_micro_batch=M   ... only in micro-batch M (1-based) of the step (with train.accum_steps)
     crash_in_checkpoint=N    the N-th checkpoint write (1-based) kills the process half-way through
     sigterm_at_step=N        the process sends itself SIGTERM right after optimizer step N
     sleep_per_step=S         sleep S seconds after every optimizer step (to make timing tests reliable)
@@ -23,6 +25,8 @@ from mbv2train.errors import UserError
 class Faults:
     nan_loss_at_step: Optional[int] = None
     nan_loss_from_step: Optional[int] = None
+    nan_loss_rank: Optional[int] = None
+    nan_loss_micro_batch: Optional[int] = None
     crash_in_checkpoint: Optional[int] = None
     sigterm_at_step: Optional[int] = None
     sleep_per_step: float = 0.0
@@ -42,8 +46,13 @@ class Faults:
                 raise UserError(f"--fault {item}: {value!r} is not a number") from None
         return faults
 
-    def nan_loss(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (1-based) gets a NaN loss."""
+    def nan_loss(self, step: int, rank: int = 0, micro_batch: int = 1) -> bool:
+        """Whether micro-batch ``micro_batch`` of optimizer step ``step`` (both 1-based) gets a NaN loss in
+        the process of rank ``rank``."""
+        if self.nan_loss_rank is not None and rank != self.nan_loss_rank:
+            return False
+        if self.nan_loss_micro_batch is not None and micro_batch != self.nan_loss_micro_batch:
+            return False
         return step == self.nan_loss_at_step or (self.nan_loss_from_step is not None
                                                  and step >= self.nan_loss_from_step)
 

@@ -141,6 +141,25 @@ def test_torchrun_with_two_processes_counts_every_val_image_once(image_root, tmp
     assert result.stdout.count("epoch 2 | train_loss") == 1
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_agree_on_skipping_a_nan_seen_by_one_rank(image_root, tmp_path):
+    # Only rank 1 sees the NaN. If it alone skipped its backward pass, rank 0 would wait forever in
+    # DDP's gradient all-reduce; the ranks must skip the step together and go on.
+    run = tmp_path / "ddp"
+    args = train_args(image_root, run, "data.batch_size=4", "train.nonfinite=skip", "train.epochs=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29518", "-m", "mbv2train", *args,
+                             "--fault", "nan_loss_at_step=2", "--fault", "nan_loss_rank=1"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = read_metrics(run / "metrics.jsonl")
+    assert row["nonfinite_skips"] == 1
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["global_step"] == 24 // 2 // 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_an_unreadable_image_stops_the_run_with_its_path(cli, image_root, tmp_path, workers):
     import shutil

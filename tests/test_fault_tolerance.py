@@ -288,6 +288,22 @@ def test_a_skipped_nan_step_changes_nothing(tiny_config, tmp_path):
     assert after["epoch_progress"]["nonfinite_skips"] == 1
 
 
+def test_a_skipped_step_leaves_its_finite_micro_batches_out_of_the_epoch_sums(tiny_config, tmp_path):
+    # With 2 micro-batches per step, step 3's first micro-batch is finite and its second is NaN: the
+    # step is skipped whole, so neither micro-batch may count in train_loss or the seen-image count.
+    run = tmp_path / "run"
+    with pytest.raises(Preempted):
+        fit(tiny_config(*SMALL_STEPS, "train.accum_steps=2", "train.nonfinite=skip",
+                        "train.checkpoint_every_steps=1", run_dir=run),
+            faults=Faults(nan_loss_at_step=3, nan_loss_micro_batch=2, sigterm_at_step=3))
+    before, after = load(run / "previous.pt")["epoch_progress"], load(run / "last.pt")["epoch_progress"]
+    assert (before["steps"], after["steps"]) == (2, 3)
+    assert before["seen"] == after["seen"] == 2 * 2 * 2  # steps x micro-batches x batch size
+    assert torch.equal(before["loss_sum"], after["loss_sum"])
+    assert torch.equal(before["correct"], after["correct"])
+    assert after["nonfinite_skips"] == 1
+
+
 def test_skipped_steps_are_counted_and_too_many_in_a_row_abort(tiny_config, tmp_path):
     fit(tiny_config(*SMALL_STEPS, "train.nonfinite=skip", run_dir=tmp_path / "a"), faults=Faults(nan_loss_at_step=3))
     first = read_metrics(tmp_path / "a" / "metrics.jsonl")[0]
