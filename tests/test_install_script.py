@@ -111,3 +111,35 @@ def test_refuses_a_python_outside_a_virtual_environment(tmp_path):
     assert result.returncode == 2
     assert "not a virtual environment" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("failing, expected_tools", [
+    ("nothing", ["pip-uv", "uv"]),             # uv installs everything
+    ("pip-uv", ["pip-uv", "pip"]),             # uv cannot be installed: pip does the install
+    ("uv", ["pip-uv", "uv", "pip"]),           # uv fails: pip does the install
+])
+def test_auto_falls_back_to_pip(installer, monkeypatch, capsys, failing, expected_tools):
+    ran = []
+
+    def tool_of(command):
+        if command[2] == "uv":
+            return "uv"
+        return "pip-uv" if any(arg.startswith("uv") for arg in command) else "pip"
+
+    def fake_run(command):
+        ran.append(tool_of(command))
+        return 1 if ran[-1] == failing else 0
+
+    monkeypatch.setattr(installer, "_run", fake_run)
+    monkeypatch.setattr(installer, "_pip_config_listing", lambda python: "")
+    assert installer.install("auto", "torch", "demo", compile_bytecode=False) == 0
+    assert ran == expected_tools
+    if failing != "nothing":
+        assert "installing with pip instead" in capsys.readouterr().err
+
+
+def test_uv_only_reports_failure_instead_of_falling_back(installer, monkeypatch, capsys):
+    monkeypatch.setattr(installer, "_run", lambda command: 1 if command[2] == "uv" else 0)
+    monkeypatch.setattr(installer, "_pip_config_listing", lambda python: "")
+    assert installer.install("uv", "torch", "demo", compile_bytecode=False) == 1
+    assert "error: uv could not install the packages" in capsys.readouterr().err
