@@ -130,6 +130,10 @@ def _umask() -> int:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint or state dict with weights_only=True; CheckpointError (one line) on any problem."""
     path = Path(path)
+    if path.is_dir():
+        held = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (it holds {', '.join(held)})" if held else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

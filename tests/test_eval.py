@@ -95,6 +95,7 @@ def test_eval_takes_a_torchvision_state_dict(cli, image_root, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "{tmp}/missing.pt"], "checkpoint not found: {tmp}/missing.pt"),
+    (["--ckpt", "{run}"], "{run} is a folder, not a checkpoint file (it holds best.pt, last.pt"),
     (["--ckpt", "{tmp}/garbage.pt"], "checkpoint is corrupt or truncated: {tmp}/garbage.pt"),
     (["--ckpt", "{tmp}/other.pt"], "neither an mbv2 training checkpoint nor a MobileNetV2 state dict"),
     (["--ckpt", "{run}/last.pt", "--data", "{tmp}/nowhere"], "data folder not found: {tmp}/nowhere"),
