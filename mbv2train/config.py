@@ -57,7 +57,7 @@ class DataConfig:
     std: tuple[float, ...] = setting((0.229, 0.224, 0.225), "per-channel std (RGB, 0-1 scale) divided by", gt=0)
     batch_size: int = setting(32, "training images per step per process (global batch = this x processes)", ge=1)
     val_batch_size: Optional[int] = setting(None, "validation batch size per process; null: batch_size", ge=1)
-    num_workers: int = setting(4, "data-loading worker processes per training process", ge=0)
+    num_workers: int = setting(4, "data-loading worker processes per training process (capped at the CPUs available)", ge=0)
     pin_memory: bool = setting(True, "page-locked host memory for faster copies (CUDA only)")
     persistent_workers: bool = setting(True, "keep workers alive between epochs")
     prefetch_factor: int = setting(2, "batches each worker loads ahead", ge=1)

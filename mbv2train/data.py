@@ -9,6 +9,8 @@ augmented images do not depend on the number of workers or on where a run was re
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -238,9 +240,35 @@ class Loaders:
     val_dir: Path
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)  # once per process, not once per loader
+def _warn_workers_capped(requested: int, available: int) -> None:
+    print(f"warning: data.num_workers is {requested} but only {available} CPUs are available; "
+          f"using {available} workers", file=sys.stderr, flush=True)
+
+
+def worker_count(requested: int) -> int:
+    """data.num_workers, but no more than the CPUs there are: more workers than CPUs only compete with each
+    other and the training process. Every sample is seeded from its index, so the count never changes
+    what is trained on."""
+    available = available_cpus()
+    if requested > available:
+        _warn_workers_capped(requested, available)
+        return available
+    return requested
+
+
 def _loader_options(cfg: DataConfig, device_type: str) -> dict:
-    options = {"num_workers": cfg.num_workers, "pin_memory": device_type == "cuda" and cfg.pin_memory}
-    if cfg.num_workers > 0:  # DataLoader rejects these without workers
+    workers = worker_count(cfg.num_workers)
+    options = {"num_workers": workers, "pin_memory": device_type == "cuda" and cfg.pin_memory}
+    if workers > 0:  # DataLoader rejects these without workers
         # Workers ignore stop signals: the main process finishes its step, saves, and then ends them.
         options.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor,
                        worker_init_fn=ignore_in_worker)

@@ -333,3 +333,15 @@ def test_prepare_val_reports_unlabelled_images(flat_val):
     (val / "stray.jpg").write_bytes(b"jpeg")
     result = run_prepare(val, "--labels", csv)
     assert result.returncode == 2 and "1 images in" in result.stderr and "stray.jpg" in result.stderr
+
+
+def test_more_workers_than_cpus_are_capped_with_one_warning(monkeypatch, capsys):
+    monkeypatch.setattr(data, "available_cpus", lambda: 2)
+    data._warn_workers_capped.cache_clear()
+    assert data.worker_count(4) == 2
+    assert data.worker_count(4) == 2
+    assert data.worker_count(2) == 2
+    assert data.worker_count(0) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: data.num_workers is 4 but only 2 CPUs are available; using 2 workers") == 1
+    assert data._loader_options(DataConfig(num_workers=8), "cpu")["num_workers"] == 2
