@@ -140,8 +140,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
             step_is_finite = True
             saved_buffers = [b.clone() for b in buffers]  # a NaN forward must not poison BatchNorm stats
             # this step's sums join the epoch's only if the step is taken
-            step_loss, step_correct, step_seen = torch.zeros((), device=rt.device), torch.zeros(
-                (), dtype=torch.long, device=rt.device), 0
+            step_loss = torch.zeros((), device=rt.device)
+            step_correct = torch.zeros((), dtype=torch.long, device=rt.device)
+            step_seen = 0
         last_micro = (micro + 1) % accum == 0
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
