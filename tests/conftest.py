@@ -86,6 +86,14 @@ def write_images(folder, count: int, size=(20, 24), start: int = 0, ext: str = "
         Image.fromarray(pixels.numpy(), "RGB").save(folder / f"img{i}{ext}")
 
 
+def write_dataset(root, classes, train_per_class: int, val_per_class: int):
+    """root/{train,val}/<class>/img*.png of random pixels (write_images); returns root."""
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for name in classes:
+            write_images(root / split / name, count)
+    return root
+
+
 def truncated_jpeg() -> bytes:
     """The first half of a valid 64x64 JPEG: opens, but fails to decode."""
     import torch

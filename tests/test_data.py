@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_images
+from conftest import write_dataset, write_images
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.data import EpochSampler, SeededDataset
@@ -22,10 +22,7 @@ CLASSES = ["cat", "dog", "fox"]
 @pytest.fixture
 def root(tmp_path):
     """tmp_path/data/{train,val}/{cat,dog,fox}: 6 train and 2 val images of 20x24 per class."""
-    for split, count in (("train", 6), ("val", 2)):
-        for c in CLASSES:
-            write_images(tmp_path / "data" / split / c, count)
-    return tmp_path / "data"
+    return write_dataset(tmp_path / "data", CLASSES, 6, 2)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import truncated_jpeg, write_images
+from conftest import truncated_jpeg, write_dataset, write_images
 from mbv2train.datacheck import check_dataset, format_report
 from mbv2train.errors import DataError
 
@@ -16,10 +16,7 @@ CLASSES = ["cat", "dog"]
 @pytest.fixture
 def root(tmp_path):
     """A clean dataset: tmp_path/data/{train,val}/{cat,dog}/img*.png."""
-    for split, count in (("train", 3), ("val", 2)):
-        for c in CLASSES:
-            write_images(tmp_path / "data" / split / c, count)
-    return tmp_path / "data"
+    return write_dataset(tmp_path / "data", CLASSES, 3, 2)
 
 
 def kinds(report) -> list[tuple[str, str]]:
