@@ -46,12 +46,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all processes (identity in a single process)."""
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
+    """Reduce a copy of a tensor over all processes (the tensor itself in a single process)."""
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        dist.all_reduce(values, op=op)
     return values
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (identity in a single process)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def current_rank() -> int:
@@ -62,8 +67,4 @@ def current_rank() -> int:
 def all_ranks_true(flag: torch.Tensor) -> bool:
     """Whether a boolean tensor is true on every process: one small reduction, so that all ranks take
     the same branch (a rank that skips a backward pass while the others all-reduce gradients would hang)."""
-    value = flag.to(torch.int32)
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return bool(_all_reduce(flag.to(torch.int32), dist.ReduceOp.MIN).item())
