@@ -11,7 +11,6 @@ import pickle
 import re
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,13 +42,15 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: Optional[P
     With ``keep_previous``, the file being replaced is kept under that name, so two valid checkpoints
     exist even if the newest one is later found damaged.
     """
+    faults.start_checkpoint()
+
     def write(f):
-        if faults.crash_now():
+        if faults.crash_in_checkpoint == faults.checkpoint_writes and faults.crash_point == "mid_write":
             torch.save({"partial": torch.zeros(1024)}, f)
             die_mid_write(f)
         torch.save(state, f)
 
-    _atomic_write(path, write, keep_previous)
+    _atomic_write(path, write, keep_previous, faults)
 
 
 def copy_checkpoint(source: Path, dest: Path) -> None:
@@ -58,19 +59,28 @@ def copy_checkpoint(source: Path, dest: Path) -> None:
         _atomic_write(dest, lambda f: shutil.copyfileobj(src, f))
 
 
-def _atomic_write(path: Path, write, keep_previous: Optional[Path] = None) -> None:
+def _atomic_write(path: Path, write, keep_previous: Optional[Path] = None, faults: Faults = NO_FAULTS) -> None:
+    """Write through a temp file, then rename it over ``path``.
+
+    At every instant ``path`` names a complete file: the old one is kept as ``keep_previous`` through a
+    hard link (or a copy) made before the rename, never by moving ``path`` away. A crash at any point
+    leaves the old ``path`` or the new one; a complete temp file left behind is recovered by
+    ``recover_interrupted_writes``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = _temp_file(path)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; checkpoints get the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        faults.crash_at("after_write")
         if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)
+            _keep_copy(path, keep_previous)
+        faults.crash_at("after_previous")
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # make the rename itself survive a power cut
+        faults.crash_at("after_rename")
+        _fsync_dir(path.parent)  # make the renames themselves survive a power cut
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         # torch.save reports a full disk as RuntimeError, not OSError
@@ -78,6 +88,33 @@ def _atomic_write(path: Path, write, keep_previous: Optional[Path] = None) -> No
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
             raise CheckpointError(f"cannot write {path.name} in {path.parent}: {reason[:200]} (disk full?); "
                                   f"the previous checkpoint is intact") from None
+        raise
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """An open temp file beside ``path`` whose name says what it is for (.NAME.RANDOM.tmp)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; checkpoints get the usual mode
+    return fd, tmp
+
+
+def _keep_copy(source: Path, dest: Path) -> None:
+    """Atomically make ``dest`` a copy of ``source`` while ``source`` stays where it is."""
+    if dest.exists() and os.path.samefile(source, dest):
+        return  # already linked (a save that died after linking); renaming a link onto itself does nothing
+    fd, tmp = _temp_file(dest)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)  # the same bytes without copying; a later rename over source leaves them
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -89,14 +126,51 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temp_files(run_dir: Path) -> list[Path]:
-    """Delete temp files that a crashed write left behind; returns them (the caller warns)."""
+def _target_of(temp: Path) -> str:
+    """The file a temp file was written for: '.last.pt.k2j4h1.tmp' -> 'last.pt'."""
+    return temp.name[1:-len(TEMP_SUFFIX)].rsplit(".", 1)[0]
+
+
+def position(state: dict[str, Any]) -> tuple[int, int]:
+    """Where in the run a checkpoint was written, comparable between checkpoints: (optimizer steps,
+    completed epochs); an epoch's end save follows the save at its last step."""
+    return int(state["global_step"]), int(state["epoch"])
+
+
+def recover_interrupted_writes(run_dir: Path) -> list[str]:
+    """Finish or undo the checkpoint writes that a crash interrupted; returns one line per file handled.
+
+    A temp file for last.pt that is a complete training checkpoint newer than last.pt was written in full
+    and only missed its rename: it becomes last.pt (and the old last.pt previous.pt). Every other temp
+    file (half-written, or a copy that the run derives again) is deleted.
+    """
     if not run_dir.is_dir():
         return []
-    stale = [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    messages = []
+    temps = sorted(p for p in run_dir.iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX))
+    last = run_dir / LAST
+    for temp in temps:
+        candidate = _training_checkpoint_or_none(temp) if _target_of(temp) == LAST else None
+        current = _training_checkpoint_or_none(last) if candidate is not None else None
+        if candidate is not None and (current is None or position(candidate) > position(current)):
+            if current is not None:  # a damaged last.pt must not push out a good previous.pt
+                _keep_copy(last, run_dir / PREVIOUS)
+            os.replace(temp, last)
+            _fsync_dir(run_dir)
+            messages.append(f"recovered {temp}, a complete checkpoint whose rename was interrupted, as {last}")
+        else:
+            temp.unlink(missing_ok=True)
+            messages.append(f"removed {temp}, left by a checkpoint write that did not finish")
+    return messages
+
+
+def _training_checkpoint_or_none(path: Path) -> Optional[dict[str, Any]]:
+    """The training checkpoint at ``path``, or None when it is missing, damaged or something else."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return None
+    return state if is_training_checkpoint(state) else None
 
 
 def newest_valid_checkpoint(run_dir: Path) -> tuple[Optional[dict[str, Any]], Optional[Path], list[str]]:
@@ -145,7 +219,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint refused: {path} would load code objects ({', '.join(unsafe)}); "
                                   f"only tensors and plain containers are loaded") from None
         raise CheckpointError(f"checkpoint is corrupt or truncated: {path}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - garbage bytes fail inside the unpickler in many ways (IndexError, ...)
         raise CheckpointError(f"checkpoint is corrupt or truncated: {path}") from None
 
 

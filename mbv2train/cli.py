@@ -51,8 +51,23 @@ def reports_user_errors(command):
         except KeyboardInterrupt:
             typer.echo("error: interrupted; nothing was saved for the current step", err=True)
             raise typer.Exit(130) from None
+        except Exception as exc:
+            if not _cut_short_by_ctrl_c(exc):
+                raise
+            typer.echo("error: interrupted; nothing was saved for the current step", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _cut_short_by_ctrl_c(exc: BaseException) -> bool:
+    """Whether an error was raised while a KeyboardInterrupt was unwinding: a Ctrl-C can land inside a
+    library's half-done bookkeeping (tqdm's lock, say), whose cleanup then fails with an error of its own."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
 
 
 def _version_callback(value: bool) -> None:
@@ -120,7 +135,8 @@ def evaluate(
         help="Dataset root (its val split is used) or a folder of class folders; "
              "default: the checkpoint's own data settings.")] = None,
     config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="Use this config's data settings instead of the checkpoint's.")] = None,
+        "--config", "-c", help="Use this config's data and train settings instead of the checkpoint's; "
+                               "a training checkpoint keeps its own model.")] = None,
     overrides: SetOption = None,
     ema: Annotated[Optional[bool], typer.Option(
         "--ema/--no-ema", help="Evaluate the EMA weights or the raw ones; "
@@ -164,14 +180,17 @@ def data_check(
     folder: Annotated[Path, typer.Argument(help="A dataset root (train/ and val/ inside) or one split folder.")],
     workers: Annotated[Optional[int], typer.Option(min=1, help="Processes to scan with (default: all cores).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Fail on warnings too (files that train fine but other tools may misread).")] = False,
 ) -> None:
     """Scan a dataset for unreadable images, empty or mismatched class folders and wrong extensions.
 
-    Exits 1 when it finds a problem, 0 otherwise.
+    Exits 1 when it finds an error (training would stop or lose files), 0 otherwise; warnings (e.g. PNG data
+    in a .jpg file) are reported but exit 0 unless --strict.
     """
     from mbv2train.datacheck import check_dataset, format_report
 
-    report = check_dataset(folder, workers=workers)
+    report = check_dataset(folder, workers=workers, strict=strict)
     typer.echo(json.dumps(report) if as_json else format_report(report))
     raise typer.Exit(0 if report["ok"] else 1)
 

@@ -17,12 +17,14 @@ from PIL import Image
 from mbv2train import data, folders
 from mbv2train.errors import DataError
 
-__all__ = ["PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report"]
+__all__ = ["ERROR_KINDS", "PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report", "severity"]
 
-PROBLEM_KINDS = ("unreadable", "empty_class", "flat_split", "empty_split", "missing_split", "class_mismatch",
-                 "extension_mismatch")
-# Problems that do not stop training but are still worth fixing (the report is not ok with them).
+# Errors: training would stop on them, or silently lose the file (a class or split it never sees).
+ERROR_KINDS = ("unreadable", "empty_class", "flat_split", "empty_split", "missing_split", "class_mismatch")
+# Warnings: training reads the file fine, but other tools may stumble on it. They leave a report ok, so that
+# a check in a script does not fail on a dataset that trains; --strict fails on them too.
 WARNING_KINDS = ("extension_mismatch",)
+PROBLEM_KINDS = ERROR_KINDS + WARNING_KINDS
 
 # What PIL calls the content each image extension promises. MPO is how PIL reports the multi-picture
 # JPEGs many cameras write; they decode as ordinary JPEGs.
@@ -31,7 +33,16 @@ _FORMATS = {".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO"), ".png": ("PNG",),
             ".webp": ("WEBP",)}
 
 
+def severity(kind: str) -> str:
+    """"warning" for WARNING_KINDS, "error" for the other problem kinds."""
+    return "warning" if kind in WARNING_KINDS else "error"
+
+
 def _problem(kind: str, path: Path | str, detail: str) -> dict[str, str]:
+    return {"kind": kind, "severity": severity(kind), "path": str(path), "detail": detail}
+
+
+def _note(kind: str, path: Path | str, detail: str) -> dict[str, str]:
     return {"kind": kind, "path": str(path), "detail": detail}
 
 
@@ -72,7 +83,7 @@ def _scan_split(split_dir: Path) -> tuple[dict, list[str], list[str], list[dict]
         return {"images": len(flat), "classes": 0}, [], flat, problems, notes
 
     for name in top_files:
-        notes.append(_problem("ignored_file", split_dir / name, "outside any class folder; training ignores it"))
+        notes.append(_note("ignored_file", split_dir / name, "outside any class folder; training ignores it"))
     images = []
     for name in classes:
         found = 0
@@ -84,7 +95,7 @@ def _scan_split(split_dir: Path) -> tuple[dict, list[str], list[str], list[dict]
                     images.append(path)
                     found += 1
                 else:
-                    notes.append(_problem("ignored_file", path, "not an image extension; training ignores it"))
+                    notes.append(_note("ignored_file", path, "not an image extension; training ignores it"))
         if not found:
             problems.append(_problem("empty_class", split_dir / name,
                                      f"class folder has no images ({' '.join(folders.IMG_EXTENSIONS)})"))
@@ -114,12 +125,13 @@ def _inspect_all(paths: list[str], workers: int, progress: Optional[Callable[[in
 
 
 def check_dataset(root: Path, workers: int | None = None, train_split: str = "train", val_split: str = "val",
-                  progress: Optional[Callable[[int, int], None]] = None) -> dict:
+                  progress: Optional[Callable[[int, int], None]] = None, strict: bool = False) -> dict:
     """Scan a dataset root (``root/<train_split>``, ``root/<val_split>``) or one split folder (class folders).
 
     Every image is decoded in ``workers`` processes (default: all cores). Returns
-    {"root", "splits": {name: {"path", "images", "classes"}}, "problems": [{"kind", "path", "detail"}],
-    "notes": [...], "ok"}; ok is False when there is any problem, warnings (WARNING_KINDS) included.
+    {"root", "splits": {name: {"path", "images", "classes"}},
+    "problems": [{"kind", "severity", "path", "detail"}], "notes": [...], "errors", "warnings", "strict", "ok"}.
+    ok is False when there is an error (ERROR_KINDS), or, with ``strict``, a warning (WARNING_KINDS).
     Notes (kind "ignored_file": files training skips) never make a report not ok. ``progress(done, total)``
     is called now and then while decoding.
     """
@@ -160,15 +172,20 @@ def check_dataset(root: Path, workers: int | None = None, train_split: str = "tr
             problems.append(_problem(found[0], path, found[1]))
 
     problems.sort(key=lambda p: (p["path"], p["kind"]))
-    return {"root": str(root), "splits": splits, "problems": problems, "notes": notes, "ok": not problems}
+    warnings = sum(p["severity"] == "warning" for p in problems)
+    errors = len(problems) - warnings
+    return {"root": str(root), "splits": splits, "problems": problems, "notes": notes, "errors": errors,
+            "warnings": warnings, "strict": strict, "ok": errors == 0 and not (strict and warnings)}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def format_report(report: dict) -> str:
-    """Human-readable report: one line per problem, a line per split, notes in brief, a summary line."""
-    lines = []
-    for p in report["problems"]:
-        level = "warning" if p["kind"] in WARNING_KINDS else "error"
-        lines.append(f"{level}: {p['kind']}: {p['path']}: {p['detail']}")
+    """Human-readable report: one line per problem (starting with its severity), a line per split, notes in
+    brief, and a summary line: "ok: ..." (clean), "ok (N warnings): ..." or "not ok: ..."."""
+    lines = [f"{p['severity']}: {p['kind']}: {p['path']}: {p['detail']}" for p in report["problems"]]
     for name, split in report["splits"].items():
         lines.append(f"{name}: {split['images']} images in {split['classes']} classes ({split['path']})")
     if report["notes"]:
@@ -176,11 +193,17 @@ def format_report(report: dict) -> str:
         more = " ..." if len(report["notes"]) > 3 else ""
         lines.append(f"note: {len(report['notes'])} files ignored by training (not images, or outside "
                      f"class folders): {shown}{more}")
-    n_images = sum(s["images"] for s in report["splits"].values())
-    if report["ok"]:
-        lines.append(f"ok: {report['root']}: {n_images} images, no problems")
-    else:
-        warnings = sum(p["kind"] in WARNING_KINDS for p in report["problems"])
-        errors = len(report["problems"]) - warnings
-        lines.append(f"not ok: {report['root']}: {errors} errors, {warnings} warnings in {n_images} images")
+    lines.append(_summary_line(report))
     return "\n".join(lines)
+
+
+def _summary_line(report: dict) -> str:
+    root, errors, warnings = report["root"], report["errors"], report["warnings"]
+    n_images = sum(s["images"] for s in report["splits"].values())
+    if not report["problems"]:
+        return f"ok: {root}: {n_images} images, no problems"
+    if report["ok"]:
+        return (f"ok ({_count(warnings, 'warning')}): {root}: {n_images} images; training reads them all "
+                f"(--strict fails on warnings)")
+    why = " (--strict)" if errors == 0 else ""
+    return f"not ok{why}: {root}: {_count(errors, 'error')}, {_count(warnings, 'warning')} in {n_images} images"

@@ -68,3 +68,31 @@ def all_ranks_true(flag: torch.Tensor) -> bool:
     """Whether a boolean tensor is true on every process: one small reduction, so that all ranks take
     the same branch (a rank that skips a backward pass while the others all-reduce gradients would hang)."""
     return bool(_all_reduce(flag.to(torch.int32), dist.ReduceOp.MIN).item())
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of an integer's values over all processes (itself in a single process)."""
+    return int(_all_reduce(torch.tensor([value], device=device, dtype=torch.int64), dist.ReduceOp.MIN).item())
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Every process's copy of a tensor, stacked by rank: (world size, *shape) (a single row outside
+    torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values.unsqueeze(0)
+    rows = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, values.contiguous())
+    return torch.stack(rows)
+
+
+def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    """Overwrite these tensors, in place, with rank 0's values (nothing to do in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)

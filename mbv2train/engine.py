@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbv2train import rng
-from mbv2train.distributed import all_ranks_true, all_reduce_sum, current_rank
+from mbv2train.distributed import all_gather_rows, all_ranks_true, all_reduce_sum, current_rank
 from mbv2train.errors import NonFiniteLoss
 from mbv2train.faults import Faults
 from mbv2train.progress import Progress
@@ -82,13 +82,30 @@ class EpochProgress:
     nonfinite_skips: int = 0
     scaler_skips: int = 0
 
-    def state(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)},
-                "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu()}
+    def state(self, gather: bool = False) -> dict[str, Any]:
+        """As plain values and CPU tensors. With ``gather`` (a collective: every process calls it), also
+        each process's own part of the sums as ``rank_parts``, one row per rank (float64 holds the float32
+        and integer sums exactly), so that a resumed process continues its own part."""
+        state = {**{f.name: getattr(self, f.name) for f in fields(self)},
+                 "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu()}
+        if gather:
+            mine = torch.stack([self.loss_sum.detach().double(), self.correct.detach().double(),
+                                torch.tensor(float(self.seen), device=self.loss_sum.device, dtype=torch.float64),
+                                torch.tensor(float(self.bad_images), device=self.loss_sum.device,
+                                             dtype=torch.float64)])
+            state["rank_parts"] = all_gather_rows(mine).cpu()
+        return state
 
     @classmethod
-    def from_state(cls, state: Optional[dict[str, Any]], device: torch.device) -> "EpochProgress":
-        progress = cls(**(state or {}))
+    def from_state(cls, state: Optional[dict[str, Any]], device: torch.device, rank: int = 0) -> "EpochProgress":
+        state = dict(state or {})
+        parts = state.pop("rank_parts", None)
+        progress = cls(**state)
+        if parts is not None:
+            loss_sum, correct, seen, bad_images = parts[rank].tolist()
+            progress.loss_sum = torch.tensor(loss_sum, dtype=torch.float32)
+            progress.correct = torch.tensor(int(correct), dtype=torch.long)
+            progress.seen, progress.bad_images = int(seen), int(bad_images)
         progress.loss_sum = progress.loss_sum.to(device)
         progress.correct = progress.correct.to(device)
         return progress
@@ -243,15 +260,19 @@ def _optimizer_step(model: nn.Module, optimizer, scaler, clip_norm: Optional[flo
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = None, bad_images=None,
-             should_stop: Callable[[], bool] | None = None) -> Optional[dict[str, float]]:
+             should_stop: Callable[[], bool] | None = None, stop_check_batches: Optional[int] = None,
+             after_batch: Callable[[int], None] | None = None) -> Optional[dict[str, float]]:
     """Loss, top-1 and top-5 over every image of ``loader`` (summed over processes): fractions in [0, 1].
 
-    None when ``should_stop`` turned true part-way (the caller saves and exits; the pass is redone).
+    None when ``should_stop`` turned true part-way (the caller saves and exits; the pass is redone). It
+    is asked after each of the first ``stop_check_batches`` batches (all, when None): under torchrun the
+    processes' shards can differ by a batch, and the question is a collective that every process must
+    ask equally often. ``after_batch(n)`` is called after batch n (1-based).
     """
     model.eval()
     sums = torch.zeros(4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, images
     substituted = 0
-    for images, labels, bad in loader:
+    for batch, (images, labels, bad) in enumerate(loader, 1):
         if bad_images is not None and any(bad):
             bad_images.record(bad)
             substituted += sum(1 for path in bad if path)
@@ -266,7 +287,9 @@ def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = 
                              torch.tensor(len(labels), device=rt.device, dtype=torch.float64)])
         if progress is not None:
             progress.update(lambda: {"top1": f"{sums[1].item() / max(sums[3].item(), 1):.4f}"})
-        if should_stop is not None and should_stop():
+        if after_batch is not None:
+            after_batch(batch)
+        if should_stop is not None and (stop_check_batches is None or batch <= stop_check_batches) and should_stop():
             return None
     loss, top1, top5, images = all_reduce_sum(sums).tolist()
     n = max(images, 1)

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import data, engine
+from mbv2train import data, engine, yaml_schema
 from mbv2train.config import Config, config_from_dict, load_config
 from mbv2train.errors import CheckpointError, DataError
 from mbv2train.model import build_model
@@ -34,15 +34,10 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         if req.width_mult is not None or req.num_classes is not None:
             raise CheckpointError(f"{req.ckpt}: --width-mult and --num-classes are for bare state dicts; "
                                   f"a training checkpoint carries its own model settings")
-        cfg, weights, classes, used_ema = _from_training_checkpoint(state, req)
+        saved, weights, classes, used_ema = _from_training_checkpoint(state, req)
+        cfg = _with_requests(saved, req)
     else:
         cfg, weights, classes, used_ema = _from_state_dict(state, req), state, None, False
-
-    options = {"data.val_batch_size": ("--batch-size", req.batch_size)}
-    if req.config is not None:  # its data and train settings replace the saved ones; the model stays
-        cfg = dataclasses.replace(load_config(req.config, req.overrides, options), model=cfg.model)
-    elif req.overrides or req.batch_size is not None:
-        cfg = config_from_dict(cfg.to_dict(), f"{req.ckpt} (saved config)", req.overrides, options)
     val_dir = _val_dir(cfg, req.data)
 
     device = resolve_device(cfg.train.device)
@@ -85,15 +80,60 @@ def _from_training_checkpoint(state, req: EvalRequest):
     return cfg, weights, list(state["class_names"]), use_ema
 
 
+def _options(req: EvalRequest) -> dict[str, tuple[str, Any]]:
+    return {"data.val_batch_size": ("--batch-size", req.batch_size)}
+
+
+def _with_requests(saved: Config, req: EvalRequest) -> Config:
+    """A training checkpoint's config with --config's data and train settings and the --set overrides.
+
+    The model stays the checkpoint's: its weights define it. A model setting asked for that differs from
+    the saved one is refused rather than dropped, so that nobody believes they evaluated another model.
+    """
+    if req.config is not None:
+        asked = load_config(req.config, req.overrides, _options(req))
+    elif req.overrides or req.batch_size is not None:
+        asked = config_from_dict(saved.to_dict(), f"{req.ckpt} (saved config)", req.overrides, _options(req))
+    else:
+        return saved
+    _refuse_model_changes(saved, asked, req)
+    return dataclasses.replace(asked, model=saved.model)
+
+
+def _refuse_model_changes(saved: Config, asked: Config, req: EvalRequest) -> None:
+    for f in dataclasses.fields(saved.model):
+        old, new = getattr(saved.model, f.name), getattr(asked.model, f.name)
+        if new == old or (f.name == "num_classes" and new is None):  # None: "from the data", which it is
+            continue
+        where = _model_origin(req).get(f"model.{f.name}")
+        if where is None:  # --config leaves it at its default: nothing was asked for
+            continue
+        if not where.startswith("--set "):
+            where = f"{where}: model.{f.name} {new}"
+        raise CheckpointError(f"{where}: the model comes from the checkpoint, whose weights were trained with "
+                              f"model.{f.name} {old}; mbv2 eval cannot change it, so leave model.{f.name} out")
+
+
+def _model_origin(req: EvalRequest) -> dict[str, str]:
+    """Where each setting of the requested config came from ("--set ...", the --config file), as
+    load_config saw it; only wanted on the way to an error, so read again rather than carried around."""
+    return yaml_schema.load(Config, req.config, req.overrides, _options(req))[1]
+
+
 def _from_state_dict(state, req: EvalRequest) -> Config:
+    """Defaults, or --config, then --set, then --width-mult / --num-classes: a bare state dict has no config
+    of its own, so every model setting asked for applies; num_classes unset is read from its classifier."""
     if not isinstance(state, dict) or "classifier.1.weight" not in state:
         raise CheckpointError(f"{req.ckpt}: neither an mbv2 training checkpoint nor a MobileNetV2 state dict")
     if req.ema:
         raise CheckpointError(f"{req.ckpt}: --ema needs a training checkpoint; this is a bare state dict")
-    num_classes = req.num_classes or int(state["classifier.1.weight"].shape[0])
-    cfg = load_config(None)
-    model_cfg = dataclasses.replace(cfg.model, width_mult=req.width_mult or 1.0, num_classes=num_classes)
-    return dataclasses.replace(cfg, model=model_cfg)
+    options = {**_options(req), "model.width_mult": ("--width-mult", req.width_mult),
+               "model.num_classes": ("--num-classes", req.num_classes)}
+    cfg = load_config(req.config, req.overrides, options)
+    if cfg.model.num_classes is None:
+        num_classes = int(state["classifier.1.weight"].shape[0])
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+    return cfg
 
 
 def _val_dir(cfg: Config, data_dir: Optional[Path]) -> Path:

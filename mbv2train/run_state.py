@@ -22,7 +22,8 @@ HARMLESS_KEYS = {
 
 def training_state(*, model, ema, optimizer, scheduler, scaler, epoch: int, global_step: int,
                    epoch_progress: Optional[dict[str, Any]], best_metric: str, best_value: float | None,
-                   config: dict, class_names: list[str], world_size: int) -> dict[str, Any]:
+                   best_epoch: Optional[int], config: dict, class_names: list[str], world_size: int
+                   ) -> dict[str, Any]:
     """Everything needed to continue a run, as tensors and plain containers only (weights_only loads it).
 
     ``epoch`` counts completed epochs; ``epoch_progress`` is set when the checkpoint was written inside
@@ -40,6 +41,7 @@ def training_state(*, model, ema, optimizer, scheduler, scaler, epoch: int, glob
         "global_step": global_step,  # optimizer steps completed
         "best_metric": best_metric,
         "best_value": best_value,
+        "best_epoch": best_epoch,  # the epoch whose end-of-epoch checkpoint best.pt must hold
         "config": config,
         "class_names": list(class_names),
         "world_size": world_size,
@@ -83,6 +85,37 @@ def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str]
         raise CheckpointError(f"{resume}: not a training checkpoint written by mbv2 train (a bare state dict "
                               f"has no optimizer or schedule to resume)")
     return state
+
+
+def restore_derived_copies(state: dict[str, Any], run_dir: Path, save_every_epochs: int,
+                           keep_checkpoints: int) -> list[str]:
+    """Bring best.pt and epoch_N.pt up to the checkpoint a run resumes from; returns what was rewritten.
+
+    At an epoch's end last.pt is written first and best.pt / epoch_N.pt are copied from it afterwards, so
+    a run killed in between resumes from a last.pt that says "this epoch was the best" while best.pt still
+    holds an older epoch (or does not exist). Such a copy is written again from the resumed state.
+    """
+    if state.get("epoch_progress") is not None or not state.get("epoch"):
+        return []  # written inside an epoch: the copies belong to epoch ends
+    epoch, rewritten = state["epoch"], []
+    wanted = []
+    if state.get("best_epoch") == epoch:
+        wanted.append(run_dir / ckpt.BEST)
+    if save_every_epochs and epoch % save_every_epochs == 0:
+        wanted.append(run_dir / f"epoch_{epoch}.pt")
+    for path in wanted:
+        try:
+            held = ckpt.load_checkpoint(path)
+        except CheckpointError:
+            held = None
+        if held is not None and ckpt.is_training_checkpoint(held) and ckpt.position(held) >= ckpt.position(state):
+            continue
+        ckpt.save_checkpoint(state, path)
+        rewritten.append(f"{path} was behind the checkpoint resumed from (a save was interrupted); "
+                         f"rewrote it for epoch {epoch}")
+    if save_every_epochs and rewritten:
+        ckpt.prune_epoch_copies(run_dir, keep_checkpoints)
+    return rewritten
 
 
 def check_resumable(state: dict[str, Any], config: dict, classes: list[str], world_size: int,

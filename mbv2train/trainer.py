@@ -16,7 +16,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from mbv2train import checkpoint as ckpt
 from mbv2train import data, engine, optim, rng, run_state
 from mbv2train.config import Config
-from mbv2train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from mbv2train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_from_rank0, init_distributed,
+                                    min_over_ranks, shutdown_distributed)
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.faults import NO_FAULTS, Faults
 from mbv2train.model import build_model
@@ -62,7 +63,7 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     dist = init_distributed(device.type)
-    stop = StopFlag().install()
+    stop = StopFlag(announce=dist.is_main).install()
     try:
         return _Run(cfg, device, amp_dtype, dist, stop, faults).train(resume, allow_changes)
     finally:
@@ -109,8 +110,12 @@ class _Run:
                                               "training", folder=self.loaders.train_dir, warn=self.say)
             self.bad_val = data.BadImageLog(len(self.loaders.val.dataset), cfg.data.max_bad_fraction,
                                             "validation", folder=self.loaders.val_dir, warn=self.say)
+        # Validation shards differ by up to one batch between processes (no padding, so every image
+        # counts once); a stop check is a collective under torchrun, so validation asks only at the
+        # batches every process has.
+        self.val_stop_checks = min_over_ranks(len(self.loaders.val), device)
         self.tracker = NullTracker()
-        self.best_metric, self.best_value = cfg.best_metric(), None
+        self.best_metric, self.best_value, self.best_epoch = cfg.best_metric(), None, None
         self.epoch, self.global_step = 0, 0  # completed epochs and optimizer steps
         self.last_save = time.monotonic()
 
@@ -120,8 +125,9 @@ class _Run:
         cfg, say = self.cfg, self.say
         warn = lambda message: log(message, say)  # noqa: E731
         if say:
-            for stale in ckpt.remove_stale_temp_files(self.run_dir):
-                warn(f"warning: removed {stale}, left by a checkpoint write that did not finish")
+            for line in ckpt.recover_interrupted_writes(self.run_dir):
+                warn(f"warning: {line}")
+        barrier()  # every process then reads the checkpoints rank 0 has put in order
         state = run_state.find_resume_state(resume, self.run_dir, warn)
         done = engine.EpochProgress.from_state(None, self.device)
         allowed: list[str] = []
@@ -135,8 +141,12 @@ class _Run:
             run_state.restore(state, model=self.model, ema=self.ema, optimizer=self.optimizer,
                               scheduler=self.scheduler, scaler=self.scaler)
             self.epoch, self.global_step = state["epoch"], state["global_step"]
-            self.best_value = state["best_value"]
-            done = engine.EpochProgress.from_state(state.get("epoch_progress"), self.device)
+            self.best_value, self.best_epoch = state["best_value"], state.get("best_epoch")
+            done = engine.EpochProgress.from_state(state.get("epoch_progress"), self.device, self.dist.rank)
+            if say:
+                for line in run_state.restore_derived_copies(state, self.run_dir, cfg.train.save_every_epochs,
+                                                             cfg.train.keep_checkpoints):
+                    warn(f"warning: {line}")
         self._open_run_dir(fresh=state is None, allowed=allowed)
 
         train_model = torch.compile(self.model) if cfg.train.compile else self.model
@@ -187,10 +197,17 @@ class _Run:
         val_started = time.perf_counter()
         row = {"epoch": epoch, "step": self.global_step, **train_metrics}
         evaluations = [("val_", self.model)] + ([("ema_val_", self.ema.module)] if self.ema is not None else [])
+        # Each process's last forward pass left its own BatchNorm statistics (DDP hands rank 0's out only
+        # at the next forward): validate rank 0's, which are the ones saved and later evaluated.
+        for _, model in evaluations:
+            broadcast_from_rank0(list(model.buffers()))
         for prefix, model in evaluations:
             progress = Progress(len(loaders.val), f"{prefix.replace('_', ' ').strip()} {epoch}",
                                 log_every=max(len(loaders.val), 1), enabled=self.say)
-            metrics = engine.evaluate(model, loaders.val, self.rt, progress, self.bad_val, self._stop_requested)
+            self.faults.start_validation()
+            metrics = engine.evaluate(model, loaders.val, self.rt, progress, self.bad_val, self._stop_requested,
+                                      stop_check_batches=self.val_stop_checks,
+                                      after_batch=self.faults.after_val_batch)
             progress.close()
             if metrics is None:  # stopped mid-evaluation: save the finished training part, redo the pass
                 self._save_and_stop(epoch, done)
@@ -199,14 +216,17 @@ class _Run:
 
         is_best = self.best_value is None or row[self.best_metric] > self.best_value
         if is_best:
-            self.best_value = row[self.best_metric]
+            self.best_value, self.best_epoch = row[self.best_metric], epoch
         self.epoch = epoch
         if self.say:
             self.tracker.epoch(row, self.global_step)
-            self._save(epoch_progress=None)
+            # last.pt first: a kill before the copies is repaired on resume (restore_derived_copies)
+            self._save(done=None)
             if is_best:
+                self.faults.crash_at("before_best_copy")
                 ckpt.copy_checkpoint(self.run_dir / ckpt.LAST, self.run_dir / ckpt.BEST)
             if cfg.train.save_every_epochs and epoch % cfg.train.save_every_epochs == 0:
+                self.faults.crash_at("before_epoch_copy")
                 ckpt.copy_checkpoint(self.run_dir / ckpt.LAST, self.run_dir / f"epoch_{epoch}.pt")
                 ckpt.prune_epoch_copies(self.run_dir, cfg.train.keep_checkpoints)
             log(_epoch_line(row, self.best_metric, self.best_value), self.say)
@@ -226,24 +246,30 @@ class _Run:
         if every_minutes:  # clocks differ between processes: rank 0's decides for all
             due = self._agree(due or (self.say and time.monotonic() - self.last_save >= every_minutes * 60))
         if due and done.steps < self.steps_per_epoch:  # the epoch's end saves anyway
-            self._save(epoch_progress=done.state())
+            self._save(done)
 
     def _save_and_stop(self, epoch: int, done: engine.EpochProgress) -> None:
-        self._save(epoch_progress=done.state())
+        self._save(done)
         raise Preempted(self._signum(), str(self.run_dir / ckpt.LAST), self.global_step)
 
     def _signum(self) -> int:
         # another process may have received the signal and this one only agreed to stop
         return self.stop.signum or signal.SIGTERM
 
-    def _save(self, epoch_progress: Optional[dict[str, Any]]) -> None:
+    def _save(self, done: Optional[engine.EpochProgress]) -> None:
+        """Save last.pt; ``done`` is the epoch's progress for a save inside an epoch, None at its end.
+
+        Every process calls it: under torchrun a save inside an epoch gathers each process's part of the
+        epoch's sums, so that each resumes with its own part and the epoch's totals come out exact."""
         self.last_save = time.monotonic()
+        epoch_progress = done.state(gather=self.dist.enabled) if done is not None else None
         if not self.say:
             return
         state = run_state.training_state(
             model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
             scaler=self.scaler, epoch=self.epoch, global_step=self.global_step, epoch_progress=epoch_progress,
-            best_metric=self.best_metric, best_value=self.best_value, config=self.cfg.to_dict(),
+            best_metric=self.best_metric, best_value=self.best_value, best_epoch=self.best_epoch,
+            config=self.cfg.to_dict(),
             class_names=self.loaders.classes, world_size=self.dist.world_size)
         ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST, keep_previous=self.run_dir / ckpt.PREVIOUS,
                              faults=self.faults)

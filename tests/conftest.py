@@ -103,3 +103,57 @@ def truncated_jpeg() -> bytes:
     pixels = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     Image.fromarray(pixels.numpy(), "RGB").save(buffer, "JPEG")
     return buffer.getvalue()[:buffer.tell() // 2]
+
+
+class LineReader:
+    """Reads a child process's text stream on a thread, so a test can wait for a line without blocking
+    forever on a pipe and without a fixed sleep."""
+
+    def __init__(self, stream):
+        import queue
+        import threading
+
+        self.lines: list[str] = []
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 300) -> str:
+        """The first line (from now on) containing ``text``; fails if the stream ends or time runs out."""
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line with {text!r} within {timeout}s; got:\n{self.text(finished=False)}") from None
+            if line is None:
+                self._queue.put(None)
+                raise AssertionError(f"the stream ended without a line with {text!r}; got:\n{self.text(finished=False)}")
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    def text(self, finished: bool = True) -> str:
+        """Everything read so far; with ``finished`` (the process has ended), everything it wrote."""
+        import queue
+
+        if finished:
+            self._thread.join(timeout=60)
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._queue.put(None)
+                break
+            self.lines.append(line)
+        return "".join(self.lines)

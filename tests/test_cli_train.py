@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, LineReader
 from mbv2train.tracking import read_metrics
 from mbv2train.trainer import without_timing
 
@@ -28,7 +28,8 @@ def test_train_command_runs_and_prints_epoch_lines(cli, image_root, tmp_path):
 
 
 def test_data_option_sets_the_root_and_output_dir_the_run(cli, image_root, tmp_path):
-    cli(*train_args(image_root, tmp_path / "here", "train.epochs=1"))
+    result = cli(*train_args(image_root, tmp_path / "here", "train.epochs=1"))
+    assert result.exit_code == 0, result.output
     saved = (tmp_path / "here" / "config.yaml").read_text()
     assert f"root: {image_root}" in saved
 
@@ -87,30 +88,34 @@ def test_demo_data_command_writes_the_digits(cli, tmp_path):
     assert "already there" in again.stdout
 
 
-def run_train(args, **kwargs):
+def run_train(args, stdout=subprocess.PIPE):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mbv2train", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "mbv2train", *args], env=env, stdout=stdout,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 @pytest.mark.slow
 def test_sigkill_after_an_epoch_then_resume_auto_equals_an_uninterrupted_run(image_root, tmp_path):
-    extra = ["train.epochs=4", "data.batch_size=2", "train.ema=true"]
-    whole = run_train(train_args(image_root, tmp_path / "whole", *extra))
+    extra = ["train.epochs=3", "data.batch_size=2", "train.ema=true"]
+    whole = run_train(train_args(image_root, tmp_path / "whole", *extra), stdout=subprocess.DEVNULL)
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
 
     run = tmp_path / "killed"
     args = train_args(image_root, run, *extra)
-    victim = run_train(args)
-    deadline = time.time() + 240
-    while len(read_metrics(run / "metrics.jsonl")) < 1 and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    # The epoch line comes after epoch 1's checkpoint; the victim then hangs in step 2 of epoch 2
+    # (step 14), so the kill cannot come after the run ended, nor after another checkpoint.
+    victim = run_train(args + ["--fault", "stall_at_step=14"])
+    LineReader(victim.stdout).wait_for("epoch 1 | train_loss")
     os.killpg(victim.pid, signal.SIGKILL)  # the whole group, workers included, with no chance to clean up
-    victim.wait()
-    assert len(read_metrics(run / "metrics.jsonl")) < 4, "the run finished before it could be killed"
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["epoch_progress"]) == (1, None)
+    assert len(read_metrics(run / "metrics.jsonl")) == 1
 
     resumed = run_train([*args, "--resume", "auto"])
+    out = LineReader(resumed.stdout)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert "resuming at epoch 2, step 0/12" in out.text()
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     b = torch.load(run / "last.pt", weights_only=True)
     for part in ("model", "ema"):
@@ -120,17 +125,24 @@ def test_sigkill_after_an_epoch_then_resume_auto_equals_an_uninterrupted_run(ima
             assert torch.equal(value, b["optimizer"]["state"][key][name])
     rows_a = [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     rows_b = [without_timing(r) for r in read_metrics(run / "metrics.jsonl")]
-    assert rows_a == rows_b and len(rows_b) == 4
+    assert rows_a == rows_b and len(rows_b) == 3
+
+
+def torchrun(args, *faults):
+    """``torchrun --standalone --nproc_per_node 2 -m mbv2train ARGS`` (a free port each time, so suites can
+    run side by side); returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    fault_args = [item for fault in faults for item in ("--fault", fault)]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "mbv2train", *args, *fault_args],
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_torchrun_with_two_processes_counts_every_val_image_once(image_root, tmp_path):
     run = tmp_path / "ddp"
     args = train_args(image_root, run, "data.batch_size=4", "train.ema=true")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", "-m", "mbv2train", *args],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun(args)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]  # one writer: rank 0
@@ -141,17 +153,49 @@ def test_torchrun_with_two_processes_counts_every_val_image_once(image_root, tmp
     assert result.stdout.count("epoch 2 | train_loss") == 1
 
 
+@pytest.fixture
+def uneven_val_root(image_root, tmp_path):
+    """image_root with 11 val images: with 2 processes and val batches of 5, rank 0 has 6 images in 2
+    batches and rank 1 has 5 in 1 batch."""
+    import shutil
+
+    root = shutil.copytree(image_root, tmp_path / "uneven")
+    (root / "val" / "circle" / "000.png").unlink()
+    return root
+
+
+@pytest.mark.slow
+def test_torchrun_with_uneven_validation_shards_finishes_and_resumes_after_a_stop_in_validation(
+        uneven_val_root, tmp_path):
+    settings = ["data.batch_size=4", "data.val_batch_size=5", "train.ema=true"]
+    whole = train_args(uneven_val_root, tmp_path / "whole", *settings)
+    result = torchrun(whole)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    assert [(r["epoch"], r["val_images"], r["ema_val_images"]) for r in expected] == [(1, 11, 11), (2, 11, 11)]
+
+    # Batch 1 is one both ranks have: they agree to stop inside the pass. Batch 2 only rank 0 has: it
+    # cannot ask rank 1, so the stop waits for the next question both ranks ask.
+    for batch in (1, 2):
+        run = tmp_path / f"stopped_at_{batch}"
+        args = train_args(uneven_val_root, run, *settings)
+        stopped = torchrun(args, f"sigterm_at_val_batch={batch}")
+        assert stopped.returncode != 0 and "stopped by SIGTERM at step 3" in stopped.stdout, stopped.stderr[-3000:]
+        assert "SIGTERM received" in stopped.stderr
+        state = torch.load(run / "last.pt", weights_only=True)
+        assert state["global_step"] == 3 and state["epoch"] == 0  # epoch 1's training, its validation to redo
+        resumed = torchrun([*args, "--resume", "auto"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert [without_timing(r) for r in read_metrics(run / "metrics.jsonl")] == expected, f"batch {batch}"
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_agree_on_skipping_a_nan_seen_by_one_rank(image_root, tmp_path):
     # Only rank 1 sees the NaN. If it alone skipped its backward pass, rank 0 would wait forever in
     # DDP's gradient all-reduce; the ranks must skip the step together and go on.
     run = tmp_path / "ddp"
     args = train_args(image_root, run, "data.batch_size=4", "train.nonfinite=skip", "train.epochs=1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29518", "-m", "mbv2train", *args,
-                             "--fault", "nan_loss_at_step=2", "--fault", "nan_loss_rank=1"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun(args, "nan_loss_at_step=2", "nan_loss_rank=1")
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = read_metrics(run / "metrics.jsonl")
     assert row["nonfinite_skips"] == 1
@@ -171,7 +215,9 @@ def test_an_unreadable_image_stops_the_run_with_its_path(cli, image_root, tmp_pa
     result = cli(*train_args(root, tmp_path / "run", f"data.num_workers={workers}"))
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
-    assert lines == [f"error: cannot read image {bad}: cannot identify image file '{bad}'"]
+    assert lines[-1] == f"error: cannot read image {bad}: cannot identify image file '{bad}'"
+    # on a machine with fewer CPUs than workers, the only other line is the note that says so
+    assert all("CPUs are available" in line for line in lines[:-1]), lines
 
 
 def test_an_output_dir_that_cannot_be_created_exits_2(cli, image_root, tmp_path):

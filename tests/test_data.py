@@ -197,6 +197,61 @@ def test_train_transform_without_augmentation_is_a_resized_crop(cfg, root):
     assert names == ["RandomResizedCrop", "PILToTensor"]
 
 
+@pytest.fixture
+def plain_cfg(cfg):
+    """cfg without random augmentation beyond the crop itself."""
+    return replace(cfg, hflip=0.0, auto_augment="none", random_erasing=0.0)
+
+
+def first_samples(cfg):
+    """(train sample 0 of epoch 0, val sample 0) as uint8 tensors, through build_loaders."""
+    loaders = data.build_loaders(cfg, seed=0)
+    return loaders.train.dataset[(0, 0)][0], loaders.val.dataset[(0, 0)][0]
+
+
+def test_interpolation_reaches_the_val_resize(plain_cfg, root):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    image = data.load_image(str(root / "val" / "cat" / "img0.png"))
+    for mode in ("bilinear", "bicubic", "nearest"):
+        resized = F.resize(image, 18, interpolation=InterpolationMode[mode.upper()], antialias=True)
+        expected = F.center_crop(F.pil_to_tensor(resized), 16)
+        assert torch.equal(first_samples(replace(plain_cfg, interpolation=mode))[1], expected), mode
+
+
+def test_interpolation_changes_the_train_crop(plain_cfg, root):
+    from torchvision.transforms.v2 import functional as F
+
+    train = {mode: first_samples(replace(plain_cfg, interpolation=mode))[0] for mode in ("bilinear", "bicubic",
+                                                                                          "nearest")}
+    assert not torch.equal(train["bilinear"], train["bicubic"])
+    # Nearest only copies pixels of the source, while bilinear blends neighbours into new colours: the same
+    # crop window (same seed) tells which filter ran.
+    source = data.ImageFolderDataset(root / "train").samples[0][0]
+    colours = set(pixels(F.pil_to_tensor(data.load_image(source))))
+    assert set(pixels(train["nearest"])) <= colours and not set(pixels(train["bilinear"])) <= colours
+
+
+def pixels(image: torch.Tensor) -> list[tuple[int, ...]]:
+    """The (R, G, B) of every pixel of a (3, H, W) image."""
+    return [tuple(c) for c in image.flatten(1).T.tolist()]
+
+
+@pytest.mark.parametrize("prefetch_factor, pin_memory", [(3, True), (5, False)])
+def test_loaders_carry_prefetch_factor_and_pin_memory(cfg, prefetch_factor, pin_memory):
+    cfg = replace(cfg, num_workers=1, prefetch_factor=prefetch_factor, pin_memory=pin_memory)
+    loaders = data.build_loaders(cfg, seed=0, device_type="cuda")  # built, never iterated: no GPU needed
+    for loader in (loaders.train, loaders.val):
+        assert loader.num_workers == 1
+        assert loader.prefetch_factor == prefetch_factor and loader.pin_memory is pin_memory
+
+
+def test_pin_memory_is_off_on_the_cpu(cfg):
+    loaders = data.build_loaders(replace(cfg, pin_memory=True), seed=0, device_type="cpu")
+    assert loaders.train.pin_memory is False and loaders.val.pin_memory is False
+
+
 # ---------------------------------------------------------------- sampler
 
 def indices(sampler, epoch=0, start_index=0):

@@ -22,6 +22,19 @@ def trained(tmp_path_factory, image_root):
     return run
 
 
+@pytest.fixture(scope="module")
+def trained_ema_best(tmp_path_factory, image_root):
+    """A finished 2-epoch EMA run whose best metric is the EMA's (the default with train.ema)."""
+    from mbv2train.config import load_config
+
+    from conftest import TINY_RUN
+
+    run = tmp_path_factory.mktemp("trained_ema") / "run"
+    fit(load_config(None, [*TINY_RUN, f"data.root={image_root}", f"train.output_dir={run}", "train.ema=true",
+                           "train.ema_decay=0.5"]))
+    return run
+
+
 def eval_json(cli, *args):
     result = cli("eval", *args, "--json")
     assert result.exit_code == 0, result.output
@@ -38,6 +51,30 @@ def test_eval_reproduces_the_logged_val_metrics(cli, trained):
     assert out["top5"] == pytest.approx(row["val_top5"])
     assert out["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
     assert out["images"] == 12 and out["ema"] is False
+
+
+def test_eval_defaults_to_the_ema_weights_when_the_best_metric_was_ema(cli, trained_ema_best):
+    best = torch.load(trained_ema_best / "best.pt", weights_only=True)
+    assert best["best_metric"] == "ema_val_top1"
+    row = next(r for r in read_metrics(trained_ema_best / "metrics.jsonl") if r["epoch"] == best["epoch"])
+    # Only meaningful while the EMA and the raw weights score differently; decay 0.5 over 3 steps keeps them apart.
+    assert row["ema_val_loss"] != pytest.approx(row["val_loss"], rel=1e-3)
+    out = eval_json(cli, "--ckpt", trained_ema_best / "best.pt")
+    assert out["ema"] is True
+    assert (out["top1"], out["top5"]) == (pytest.approx(row["ema_val_top1"]), pytest.approx(row["ema_val_top5"]))
+    assert out["loss"] == pytest.approx(row["ema_val_loss"], rel=1e-5)
+    raw = eval_json(cli, "--ckpt", trained_ema_best / "best.pt", "--no-ema")
+    assert raw["ema"] is False and raw["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+
+
+def test_eval_defaults_to_the_raw_weights_when_the_best_metric_was_raw(cli, trained):
+    # trained keeps an EMA too, but picked best.pt by val_top1
+    row = read_metrics(trained / "metrics.jsonl")[-1]
+    assert row["ema_val_loss"] != pytest.approx(row["val_loss"], rel=1e-3)
+    out = eval_json(cli, "--ckpt", trained / "last.pt")
+    assert out["ema"] is False
+    assert (out["top1"], out["top5"]) == (pytest.approx(row["val_top1"]), pytest.approx(row["val_top5"]))
+    assert out["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
 
 
 def test_eval_ema_weights_reproduce_the_ema_metrics(cli, trained):
@@ -91,6 +128,70 @@ def test_eval_takes_a_torchvision_state_dict(cli, image_root, tmp_path):
         for images, labels, _ in loader:
             correct += (reference((images.float() - mean) / std).argmax(1) == labels).sum().item()
     assert out["top1"] == pytest.approx(correct / 12)
+
+
+@pytest.fixture
+def eval_configs(tmp_path):
+    """tmp_path/{wide,plain}.yaml: the run's val preprocessing, with and without a model.width_mult of 0.75."""
+    plain = "data:\n  num_workers: 0\n  val_resize: 16\n  val_crop: 16\n"
+    (tmp_path / "plain.yaml").write_text(plain)
+    (tmp_path / "wide.yaml").write_text("model:\n  width_mult: 0.75\n" + plain)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.width_mult=0.75"], "--set model.width_mult=0.75: the model comes from the checkpoint, "
+                                         "whose weights were trained with model.width_mult 0.25"),
+    (["--set", "data.val_crop=16", "--set", "model.dropout=0.5"], "--set model.dropout=0.5: the model comes from"),
+    (["--set", "model.num_classes=5"], "--set model.num_classes=5: the model comes from the checkpoint"),
+    (["--config", "{tmp}/wide.yaml"], "{tmp}/wide.yaml: model.width_mult 0.75: the model comes from the checkpoint"),
+    (["--config", "{tmp}/plain.yaml", "--set", "model.width_mult=1"], "--set model.width_mult=1: the model comes"),
+])
+def test_eval_refuses_model_settings_that_differ_from_a_training_checkpoint(cli, trained, image_root, eval_configs,
+                                                                            args, message):
+    args = [a.format(tmp=eval_configs) for a in args]
+    result = cli("eval", "--ckpt", trained / "last.pt", "--data", image_root, *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message.format(tmp=eval_configs)}")
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "model.width_mult=0.25"],  # what the checkpoint has: nothing changes
+    ["--config", "{tmp}/wide.yaml", "--set", "model.width_mult=0.25"],
+    ["--config", "{tmp}/plain.yaml"],  # no model section: the checkpoint's model, not the defaults
+])
+def test_eval_accepts_model_settings_equal_to_the_checkpoint(cli, trained, image_root, eval_configs, args):
+    row = read_metrics(trained / "metrics.jsonl")[-1]
+    out = eval_json(cli, "--ckpt", trained / "last.pt", "--data", image_root, *[a.format(tmp=eval_configs)
+                                                                                for a in args])
+    assert out["top1"] == pytest.approx(row["val_top1"]) and out["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
+
+
+@pytest.fixture
+def half_width_state_dict(tmp_path):
+    """A torchvision MobileNetV2 (width 0.5, 3 classes) saved as a bare state dict."""
+    torch.manual_seed(0)
+    path = tmp_path / "tv_half.pth"
+    torch.save(torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=3).state_dict(), path)
+    return path
+
+
+SMALL_EVAL = ["--set", "data.num_workers=0", "--set", "data.val_resize=32", "--set", "data.val_crop=32"]
+
+
+def test_eval_takes_the_width_of_a_bare_state_dict_from_set_or_config(cli, image_root, half_width_state_dict,
+                                                                      tmp_path):
+    by_option = eval_json(cli, "--ckpt", half_width_state_dict, "--data", image_root, *SMALL_EVAL,
+                          "--width-mult", "0.5")
+    by_set = eval_json(cli, "--ckpt", half_width_state_dict, "--data", image_root, *SMALL_EVAL,
+                       "--set", "model.width_mult=0.5", "--set", "model.num_classes=3")
+    config = tmp_path / "half.yaml"
+    config.write_text("model:\n  width_mult: 0.5\n")
+    by_config = eval_json(cli, "--ckpt", half_width_state_dict, "--data", image_root, *SMALL_EVAL, "--config", config)
+    assert by_set == by_option and by_config == by_option
+    default = cli("eval", "--ckpt", half_width_state_dict, "--data", image_root, *SMALL_EVAL)  # width 1.0
+    assert default.exit_code == 2 and "do not fit MobileNetV2(width_mult=1" in default.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, LineReader
 from mbv2train.errors import CheckpointError, NonFiniteLoss
-from mbv2train.faults import Faults
+from mbv2train.faults import CRASH_EXIT_CODE, Faults
 from mbv2train.preemption import Preempted
 from mbv2train.tracking import read_metrics
 from mbv2train.trainer import fit, without_timing
@@ -85,20 +85,36 @@ def test_a_stop_during_validation_redoes_only_the_validation(tiny_config, tmp_pa
     assert rows(run) == rows(uninterrupted)
 
 
+def progress_line(global_step: int, steps_per_epoch: int = 12, epochs: int = 2) -> str:
+    """How the plain progress output (stdout not a terminal) starts the line of an optimizer step."""
+    epoch, step = divmod(global_step - 1, steps_per_epoch)
+    return f"epoch {epoch + 1}/{epochs} {step + 1}/{steps_per_epoch} "
+
+
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_then_resume_gives_equal_weights(image_root, tmp_path, uninterrupted):
+def test_sigkill_mid_step_then_resume_loses_only_that_step(image_root, tmp_path, uninterrupted):
+    # Any step must do, so draw one; 13 is left out because the step before it ends epoch 1, whose
+    # last step is saved by the epoch's end save rather than a step save.
+    step = random.Random().choice([s for s in range(2, 24) if s != 13])
     run = tmp_path / "killed"
     args = train_args(image_root, run, *SMALL_STEPS, "train.checkpoint_every_steps=1")
-    delay = random.Random().uniform(1.0, 3.0)
-    victim = start(args + ["--fault", "sleep_per_step=0.1"])
-    wait_for(lambda: (run / "last.pt").exists(), victim)
-    time.sleep(delay)
+    # The victim hangs after computing `step`, before saving it; the line of the step before says that
+    # step's checkpoint is written. The kill lands anywhere in between: mid-step or in the hang.
+    victim = start(args + ["--fault", f"stall_at_step={step}"])
+    out = LineReader(victim.stdout)
+    out.wait_for(progress_line(step - 1))
     os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    assert victim.wait(timeout=60) == -signal.SIGKILL, f"step {step}"
+    state = load(run / "last.pt")
+    assert state["global_step"] == step - 1, f"step {step}"
+    epoch, done = divmod(step - 1, 12)
+
     resumed = start(args + ["--resume", "auto"])
+    resumed_out = LineReader(resumed.stdout)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert f"resuming at epoch {epoch + 1}, step {done}/12" in resumed_out.text(), f"step {step}"
     same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
-    assert rows(run) == rows(uninterrupted), f"killed after {delay:.2f}s"
+    assert rows(run) == rows(uninterrupted), f"killed at step {step}"
 
 
 # ------------------------------------------------------------------------------------------ signals
@@ -142,13 +158,14 @@ def processes_in_session(sid: int) -> list[int]:
 def test_sigterm_to_the_process_group_checkpoints_at_a_step_and_exits_143(image_root, tmp_path, uninterrupted):
     run = tmp_path / "preempted"
     args = train_args(image_root, run, *SMALL_STEPS, "data.num_workers=2", "train.log_every_steps=1")
-    process = start(args + ["--fault", "sleep_per_step=0.2"])
-    wait_for(lambda: (run / "tb").exists(), process)
-    time.sleep(1.5)
+    # 0.5 s per step: once step 1 is done, 11 s of training are left for the signal to land in
+    process = start(args + ["--fault", "sleep_per_step=0.5"])
+    out, err = LineReader(process.stdout), LineReader(process.stderr)
+    out.wait_for(progress_line(1))
     os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: the workers get it too
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err
-    assert "stopped by SIGTERM at step" in out and "--resume auto" in out
+    assert process.wait(timeout=120) == 143, err.text()
+    assert "SIGTERM received: stopping after this step with a checkpoint" in err.text()
+    assert "stopped by SIGTERM at step" in out.text() and "--resume auto" in out.text()
     assert processes_in_session(process.pid) == []  # no orphaned workers
     state = load(run / "last.pt")
     assert state["epoch_progress"] is not None and 0 < state["global_step"] < 24
@@ -161,15 +178,16 @@ def test_sigterm_to_the_process_group_checkpoints_at_a_step_and_exits_143(image_
 @pytest.mark.slow
 def test_a_second_sigint_aborts_at_once(image_root, tmp_path):
     run = tmp_path / "aborted"
-    process = start(train_args(image_root, run, *SMALL_STEPS) + ["--fault", "sleep_per_step=2"])
+    # Step 1 never reaches its checkpoint: after the first Ctrl-C only the second can end the run.
+    process = start(train_args(image_root, run, *SMALL_STEPS) + ["--fault", "stall_at_step=1"])
+    err = LineReader(process.stderr)
     wait_for(lambda: (run / "tb").exists(), process)
-    time.sleep(0.5)
     os.killpg(process.pid, signal.SIGINT)
-    time.sleep(0.3)
+    # Two signals sent back to back can reach the process as one: send the second once the first is heard.
+    err.wait_for("SIGINT received: stopping after this step with a checkpoint; Ctrl-C again stops at once")
     os.killpg(process.pid, signal.SIGINT)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert err.strip().splitlines()[-1] == "error: interrupted; nothing was saved for the current step"
+    assert process.wait(timeout=60) == 130
+    assert err.text().strip().splitlines()[-1] == "error: interrupted; nothing was saved for the current step"
     assert not (run / "last.pt").exists()
 
 
@@ -188,19 +206,105 @@ def test_the_signal_handler_only_sets_a_flag():
 # ------------------------------------------------------------------------------------------ checkpoint safety
 
 
-def test_a_crash_mid_write_keeps_the_previous_checkpoint_and_is_cleaned_up(image_root, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("point, on_disk, resumed_at, says", [
+    # where the 3rd save (step 6) dies: (last.pt, previous.pt) steps left, the step resumed from, and how
+    ("mid_write", (4, 2), 6 - 2, "removed"),  # the half-written step 6 is lost, nothing else
+    ("after_write", (4, 2), 6, "recovered"),  # step 6 was written in full: it must not be thrown away
+    ("after_previous", (4, 4), 6, "recovered"),
+    ("after_rename", (6, 4), 6, None),
+])
+def test_a_crash_at_any_point_of_a_save_keeps_a_last_checkpoint_and_loses_nothing_complete(
+        image_root, tmp_path, uninterrupted, point, on_disk, resumed_at, says):
     run = tmp_path / "crashed"
     args = train_args(image_root, run, *SMALL_STEPS, "train.checkpoint_every_steps=2")
-    crashed = start(args + ["--fault", "crash_in_checkpoint=3"])
-    assert crashed.wait(timeout=120) == 86
+    crashed = start(args + ["--fault", "crash_in_checkpoint=3", "--fault", f"crash_point={point}"])
+    assert crashed.wait(timeout=300) == CRASH_EXIT_CODE
+    # last.pt always exists, so a plain `mbv2 train` into this folder is still refused
+    assert (load(run / "last.pt")["global_step"], load(run / "previous.pt")["global_step"]) == on_disk
     leftovers = [p for p in run.iterdir() if p.name.endswith(".tmp")]
-    assert len(leftovers) == 1
-    assert load(run / "last.pt")["global_step"] == 4  # the second write, intact
+    assert len(leftovers) == (0 if point == "after_rename" else 1)
+
     resumed = start(args + ["--resume", "auto"])
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0
-    assert f"removed {leftovers[0]}" in out
+    out = LineReader(resumed.stdout)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert f"resuming at epoch 1, step {resumed_at}/12" in out.text()
+    if says:
+        assert f"{says} {leftovers[0]}" in out.text()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
+    assert rows(run) == rows(uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, missing", [("before_best_copy", ["best.pt", "epoch_1.pt"]),
+                                            ("before_epoch_copy", ["epoch_1.pt"])])
+def test_a_kill_between_last_and_its_copies_is_repaired_on_resume(image_root, tmp_path, point, missing):
+    run = tmp_path / "run"
+    args = train_args(image_root, run, "train.epochs=1", "train.save_every_epochs=1")
+    crashed = start(args + ["--fault", "crash_in_checkpoint=1", "--fault", f"crash_point={point}"])
+    assert crashed.wait(timeout=300) == CRASH_EXIT_CODE
+    last = load(run / "last.pt")
+    assert (last["epoch"], last["best_epoch"]) == (1, 1)  # it says epoch 1 is the best ...
+    assert [name for name in missing if (run / name).exists()] == []  # ... but the copies are not there
+
+    resumed = start(args + ["--resume", "auto"])
+    out = LineReader(resumed.stdout)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    for name in missing:
+        assert f"{run / name} was behind the checkpoint resumed from" in out.text()
+    for name in ("best.pt", "epoch_1.pt"):
+        copy = load(run / name)
+        assert copy["epoch"] == 1 and copy["best_value"] == last["best_value"]
+        assert all(torch.equal(copy["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_a_stale_best_copy_is_rewritten_from_the_resumed_checkpoint(tiny_config, tmp_path):
+    from mbv2train.checkpoint import save_checkpoint
+    from mbv2train.run_state import restore_derived_copies
+
+    fit(tiny_config("train.epochs=2"))
+    run = tmp_path / "run"
+    last, first = load(run / "last.pt"), load(run / "previous.pt")
+    # As if epoch 2 was the best but the kill came before its copy: best.pt still holds epoch 1
+    save_checkpoint({**last, "best_epoch": 2}, run / "last.pt")
+    save_checkpoint(first, run / "best.pt")
+    lines = restore_derived_copies(load(run / "last.pt"), run, save_every_epochs=0, keep_checkpoints=3)
+    assert lines == [f"{run / 'best.pt'} was behind the checkpoint resumed from (a save was interrupted); "
+                     f"rewrote it for epoch 2"]
+    assert load(run / "best.pt")["epoch"] == 2
+    # when best.pt is current, or the checkpoint was written mid-epoch, nothing is touched
+    assert restore_derived_copies(load(run / "last.pt"), run, save_every_epochs=0, keep_checkpoints=3) == []
+    assert restore_derived_copies({**last, "epoch_progress": {"steps": 1}}, run, 0, 3) == []
+
+
+def test_interrupted_writes_promote_only_a_complete_newer_checkpoint(tmp_path):
+    from mbv2train.checkpoint import recover_interrupted_writes
+
+    def state(step):
+        return {"format_version": 1, "model": {"w": torch.full((2,), float(step))}, "global_step": step,
+                "epoch": 0}
+
+    torch.save(state(4), tmp_path / "last.pt")
+    torch.save(state(2), tmp_path / "previous.pt")
+    torch.save(state(6), tmp_path / ".last.pt.abc123.tmp")  # complete and newer: kept
+    torch.save(state(3), tmp_path / ".last.pt.def456.tmp")  # complete but older: dropped
+    (tmp_path / ".best.pt.ghi789.tmp").write_bytes(b"half a file")
+    lines = recover_interrupted_writes(tmp_path)
+    assert sorted(line.split()[0] for line in lines) == ["recovered", "removed", "removed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
+    assert (load(tmp_path / "last.pt")["global_step"], load(tmp_path / "previous.pt")["global_step"]) == (6, 4)
+
+
+def test_a_damaged_last_checkpoint_does_not_push_out_a_good_previous_one(tmp_path):
+    from mbv2train.checkpoint import recover_interrupted_writes
+
+    good = {"format_version": 1, "model": {}, "global_step": 2, "epoch": 0}
+    torch.save(good, tmp_path / "previous.pt")
+    (tmp_path / "last.pt").write_bytes(b"truncated")
+    torch.save({**good, "global_step": 4}, tmp_path / ".last.pt.abc123.tmp")
+    recover_interrupted_writes(tmp_path)
+    assert (load(tmp_path / "last.pt")["global_step"], load(tmp_path / "previous.pt")["global_step"]) == (4, 2)
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(tiny_config, tmp_path, uninterrupted, capsys):
@@ -276,16 +380,27 @@ def test_a_nan_loss_stops_before_the_optimizer_step(tiny_config, tmp_path):
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
-def test_a_skipped_nan_step_changes_nothing(tiny_config, tmp_path):
-    run = tmp_path / "run"
+def test_a_skipped_nan_step_changes_nothing_but_the_lr_keeps_its_curve(tiny_config, tmp_path):
+    run, clean = tmp_path / "run", tmp_path / "clean"
     with pytest.raises(Preempted):
         fit(tiny_config(*SMALL_STEPS, "train.nonfinite=skip", "train.checkpoint_every_steps=1", run_dir=run),
             faults=Faults(nan_loss_at_step=3, sigterm_at_step=3))
+    with pytest.raises(Preempted):  # the same run without the NaN, for the LR curve
+        fit(tiny_config(*SMALL_STEPS, "train.nonfinite=skip", run_dir=clean), faults=Faults(sigterm_at_step=3))
     before, after = load(run / "previous.pt"), load(run / "last.pt")
     assert (before["global_step"], after["global_step"]) == (2, 3)
-    for part in ("model", "ema"):
+    for part in ("model", "ema"):  # BatchNorm statistics are buffers in "model": unchanged too
         assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
+    momentum = [s["momentum_buffer"] for s in before["optimizer"]["state"].values()]
+    assert momentum and all(torch.equal(m, after["optimizer"]["state"][i]["momentum_buffer"])
+                            for i, m in zip(before["optimizer"]["state"], momentum))
     assert after["epoch_progress"]["nonfinite_skips"] == 1
+    # the skipped step still used up its place on the LR curve: the schedule is where the clean run's is
+    reference = load(clean / "last.pt")
+    assert after["scheduler"]["last_epoch"] == reference["scheduler"]["last_epoch"] == 3
+    assert [g["lr"] for g in after["optimizer"]["param_groups"]] == \
+        [g["lr"] for g in reference["optimizer"]["param_groups"]]
+    assert after["optimizer"]["param_groups"][0]["lr"] != before["optimizer"]["param_groups"][0]["lr"]
 
 
 def test_a_skipped_step_leaves_its_finite_micro_batches_out_of_the_epoch_sums(tiny_config, tmp_path):

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,11 +84,70 @@ def test_resume_from_an_epoch_checkpoint_ends_like_the_uninterrupted_run(tiny_co
     assert rows_resumed == rows_whole
 
 
-def test_ema_is_evaluated_beside_the_raw_model(tiny_config, tmp_path):
-    fit(tiny_config("train.ema=true", "train.ema_decay=0.9"))
+def evaluate_weights(state: dict, weights: dict) -> dict:
+    """Loss, top-1, top-5 of ``weights`` on the val folder of the run that saved ``state``, computed here."""
+    from mbv2train import data, engine
+    from mbv2train.config import config_from_dict
+    from mbv2train.model import build_model
+
+    cfg = config_from_dict(state["config"], "saved config")
+    model = build_model(cfg.model)
+    model.load_state_dict(weights)
+    loader, _ = data.build_val_loader(cfg.data, Path(cfg.data.root) / cfg.data.val_split)
+    rt = engine.Runtime.create(torch.device("cpu"), None, False, cfg.data.mean, cfg.data.std)
+    return engine.evaluate(model, loader, rt)
+
+
+def test_ema_metrics_are_the_ema_weights_metrics(tiny_config, tmp_path):
+    fit(tiny_config("train.ema=true", "train.ema_decay=0.5"))
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
-    assert 0 <= row["ema_val_top1"] <= 1 and 0 <= row["ema_val_top5"] <= 1
-    assert "ema_val_loss" in row
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ema_weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    for prefix, weights in (("ema_val_", ema_weights), ("val_", state["model"])):
+        metrics = evaluate_weights(state, weights)
+        assert row[prefix + "top1"] == pytest.approx(metrics["top1"])
+        assert row[prefix + "top5"] == pytest.approx(metrics["top5"])
+        assert row[prefix + "loss"] == pytest.approx(metrics["loss"], rel=1e-4)
+    # the two are different models, so the check above cannot pass by evaluating the raw one twice
+    assert row["ema_val_loss"] != pytest.approx(row["val_loss"], rel=1e-3)
+
+
+def test_ema_every_steps_sets_how_often_the_ema_is_updated(tiny_config, tmp_path):
+    for every in (1, 2):
+        fit(tiny_config("train.ema=true", "train.ema_decay=0.5", f"train.ema_every_steps={every}",
+                        run_dir=tmp_path / str(every)))
+    one, two = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in "12")
+    assert one["global_step"] == two["global_step"] == 6
+    assert (int(one["ema"]["n_averaged"]), int(two["ema"]["n_averaged"])) == (6, 3)  # steps / every
+    assert all(torch.equal(one["model"][k], two["model"][k]) for k in one["model"])  # training is the same
+    key = "module.classifier.1.weight"
+    assert not torch.allclose(one["ema"][key], two["ema"][key])
+
+
+def test_compile_wraps_the_trained_model_in_torch_compile(tiny_config, tmp_path, monkeypatch):
+    # A real torch.compile of MobileNetV2 takes minutes on a CPU; stand in for it and check the trainer
+    # trains through what it returns and saves the plain model's weights.
+    compiled = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.forwards = model, 0
+
+        def forward(self, images):
+            self.forwards += 1
+            return self.model(images)
+
+    def fake_compile(model, *args, **kwargs):
+        compiled.append(Compiled(model))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    row = fit(tiny_config("train.compile=true", "train.epochs=1"))
+    assert len(compiled) == 1 and compiled[0].forwards == 3  # every training step ran through it
+    assert row["epoch"] == 1 and math.isfinite(row["train_loss"])
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert set(saved) == set(compiled[0].model.state_dict())  # no wrapper prefix in the checkpoint
 
 
 def test_mixup_cutmix_runs_without_train_top1(tiny_config, tmp_path):
@@ -100,6 +160,47 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_config, tmp_path):
     fit(tiny_config("train.accum_steps=2", "train.grad_clip_norm=1.0", "data.batch_size=4"))
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["global_step"] == 2 * (24 // 4 // 2)
+
+
+def test_grad_clip_norm_clips_every_optimizer_step(tiny_config, monkeypatch):
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []  # (max_norm, norm before, norm after) per call
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        before = clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        calls.append((max_norm, float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    fit(tiny_config("train.grad_clip_norm=0.001", "train.epochs=1"))
+    assert len(calls) == 3 and all(max_norm == 0.001 for max_norm, _, _ in calls)
+    assert all(before > 0.001 and after == pytest.approx(0.001, rel=1e-3) for _, before, after in calls)
+
+
+def _one_sgd_step(clip_norm):
+    """(gradient, update) of one plain SGD step (lr 1) through engine._optimizer_step on a large loss."""
+    from mbv2train import engine
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    (model(torch.randn(8, 4)).pow(2).sum() * 100).backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    engine._optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1.0), None, clip_norm)
+    return grad, before - torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_optimizer_step_scales_a_large_gradient_down_to_the_clip_norm():
+    grad, update = _one_sgd_step(clip_norm=0.5)
+    assert grad.norm() > 10  # far above the limit, so clipping must act
+    assert update.norm() == pytest.approx(0.5, rel=1e-4)
+    assert torch.allclose(update, grad * (0.5 / grad.norm()), atol=1e-6)  # scaled as a whole, same direction
+    unclipped, update = _one_sgd_step(clip_norm=None)
+    assert torch.allclose(update, unclipped, atol=1e-4)
+    _, update = _one_sgd_step(clip_norm=1e6)  # a limit above the norm leaves the step alone
+    assert torch.allclose(update, unclipped, atol=1e-4)
 
 
 def test_epoch_copies_follow_retention(tiny_config, tmp_path):
@@ -172,10 +273,11 @@ def test_a_new_run_never_overwrites_an_existing_one(tiny_config, tmp_path):
 def test_a_fresh_start_drops_rows_of_an_attempt_that_never_saved(tiny_config, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 0.5}) + "\n")
-    fit(tiny_config("train.epochs=1"), resume="auto")
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 0.5, "stale": True}) + "\n")
+    fresh = fit(tiny_config("train.epochs=1"), resume="auto")
     rows = read_metrics(run / "metrics.jsonl")
-    assert len(rows) == 1 and rows[0]["val_top1"] != 0.5
+    assert len(rows) == 1 and "stale" not in rows[0]  # the stale row is gone, whatever val_top1 the new one has
+    assert without_timing(rows[0]) == without_timing(fresh) and ROW_KEYS <= set(rows[0])
 
 
 def test_resuming_a_finished_run_trains_nothing(tiny_config, tmp_path, capsys):
