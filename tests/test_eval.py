@@ -9,30 +9,28 @@ from mbv2train.tracking import read_metrics
 from mbv2train.trainer import fit
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, image_root):
-    """One finished 2-epoch run with EMA, shared by the eval tests."""
+def finished_run(tmp_path_factory, image_root, name: str, *overrides: str):
+    """A finished 2-epoch run with EMA on image_root (module-scoped fixtures share it between tests)."""
     from mbv2train.config import load_config
 
     from conftest import TINY_RUN
 
-    run = tmp_path_factory.mktemp("trained") / "run"
+    run = tmp_path_factory.mktemp(name) / "run"
     fit(load_config(None, [*TINY_RUN, f"data.root={image_root}", f"train.output_dir={run}", "train.ema=true",
-                           "train.best_metric=val_top1"]))
+                           *overrides]))
     return run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, image_root):
+    """The run shared by the eval tests; its best.pt follows the raw weights' val top-1."""
+    return finished_run(tmp_path_factory, image_root, "trained", "train.best_metric=val_top1")
 
 
 @pytest.fixture(scope="module")
 def trained_ema_best(tmp_path_factory, image_root):
-    """A finished 2-epoch EMA run whose best metric is the EMA's (the default with train.ema)."""
-    from mbv2train.config import load_config
-
-    from conftest import TINY_RUN
-
-    run = tmp_path_factory.mktemp("trained_ema") / "run"
-    fit(load_config(None, [*TINY_RUN, f"data.root={image_root}", f"train.output_dir={run}", "train.ema=true",
-                           "train.ema_decay=0.5"]))
-    return run
+    """A run whose best metric is the EMA's (the default with train.ema)."""
+    return finished_run(tmp_path_factory, image_root, "trained_ema", "train.ema_decay=0.5")
 
 
 def eval_json(cli, *args):
