@@ -166,7 +166,7 @@ def evaluate(
 @reports_user_errors
 def data_demo(dest: Annotated[Path, typer.Argument(help="Folder to write train/ and val/ into.")]) -> None:
     """Write scikit-learn's handwritten digits (1,797 real scans, 10 classes) as an ImageFolder of PNGs."""
-    from mbv2train.demo_data import write_demo_dataset
+    from mbv2train.data.demo import write_demo_dataset
 
     info = write_demo_dataset(dest)
     state = "written" if info["created"] else "already there"
@@ -188,7 +188,7 @@ def data_check(
     Exits 1 when it finds an error (training would stop or lose files), 0 otherwise; warnings (e.g. PNG data
     in a .jpg file) are reported but exit 0 unless --strict.
     """
-    from mbv2train.datacheck import check_dataset, format_report
+    from mbv2train.data.check import check_dataset, format_report
 
     report = check_dataset(folder, workers=workers, strict=strict)
     typer.echo(json.dumps(report) if as_json else format_report(report))

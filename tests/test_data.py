@@ -12,7 +12,7 @@ from conftest import write_dataset, write_images
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.data import EpochSampler, SeededDataset
-from mbv2train.demo_data import write_demo_dataset
+from mbv2train.data.demo import write_demo_dataset
 from mbv2train.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,12 +388,14 @@ def test_prepare_val_reports_unlabelled_images(flat_val):
 
 
 def test_more_workers_than_cpus_are_capped_with_one_warning(monkeypatch, capsys):
-    monkeypatch.setattr(data, "available_cpus", lambda: 2)
-    data._warn_workers_capped.cache_clear()
-    assert data.worker_count(4) == 2
-    assert data.worker_count(4) == 2
-    assert data.worker_count(2) == 2
-    assert data.worker_count(0) == 0
+    from mbv2train.data import loaders
+
+    monkeypatch.setattr(loaders, "available_cpus", lambda: 2)
+    loaders._warn_workers_capped.cache_clear()
+    assert loaders.worker_count(4) == 2
+    assert loaders.worker_count(4) == 2
+    assert loaders.worker_count(2) == 2
+    assert loaders.worker_count(0) == 0
     err = capsys.readouterr().err
     assert err.count("warning: data.num_workers is 4 but only 2 CPUs are available; using 2 workers") == 1
-    assert data._loader_options(DataConfig(num_workers=8), "cpu")["num_workers"] == 2
+    assert loaders._loader_options(DataConfig(num_workers=8), "cpu")["num_workers"] == 2

@@ -1,4 +1,4 @@
-"""mbv2train.datacheck: the scan behind `mbv2 data check DIR`."""
+"""mbv2train.data.check: the scan behind `mbv2 data check DIR`."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import truncated_jpeg, write_dataset, write_images
-from mbv2train.datacheck import ERROR_KINDS, PROBLEM_KINDS, WARNING_KINDS, check_dataset, format_report, severity
+from mbv2train.data.check import ERROR_KINDS, PROBLEM_KINDS, WARNING_KINDS, check_dataset, format_report, severity
 from mbv2train.errors import DataError
 
 CLASSES = ["cat", "dog"]

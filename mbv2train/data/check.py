@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from PIL import Image
 
-from mbv2train import data, folders
+from mbv2train.data import folders, loaders
 from mbv2train.errors import DataError
 
 __all__ = ["ERROR_KINDS", "PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report", "severity"]
@@ -164,7 +164,7 @@ def check_dataset(root: Path, workers: int | None = None, train_split: str = "tr
         if train_classes and val_classes and train_classes != val_classes:
             problems.append(_problem("class_mismatch", root, (
                 f"class folders differ between {train_split} ({len(train_classes)}) and {val_split} "
-                f"({len(val_classes)}): {data._differences(train_classes, val_classes)}")))
+                f"({len(val_classes)}): {loaders._differences(train_classes, val_classes)}")))
 
     workers = workers if workers is not None else (os.cpu_count() or 1)
     for path, found in zip(paths, _inspect_all(paths, workers, progress)):

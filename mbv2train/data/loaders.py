@@ -1,10 +1,9 @@
-"""Datasets, transforms, samplers and loaders for ImageNet-style folders (root/<split>/<class>/<image>).
+"""Seeded datasets, samplers and DataLoaders for ImageNet-style folders (root/<split>/<class>/<image>).
 
 Batches leave the workers as (uint8 images (N, 3, H, W), int64 labels, paths of unreadable files that
-were replaced, "" for the others; see SeededDataset): decoding and geometric augmentation happen in the
-workers, while the float conversion, normalization (engine.Runtime.prepare) and MixUp/CutMix
-(``build_mix_transform``) run on the device. Every random draw of a sample is seeded from (seed, epoch, index), so the
-augmented images do not depend on the number of workers or on where a run was resumed.
+were replaced, "" for the others; see SeededDataset). Every random draw of a sample is seeded from
+(seed, epoch, index), so the augmented images do not depend on the number of workers or on where a run
+was resumed.
 """
 
 from __future__ import annotations
@@ -21,51 +20,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
-from torchvision.transforms import InterpolationMode, v2
 
 from mbv2train import rng
 from mbv2train.config import DataConfig
+from mbv2train.data.folders import ImageFolderDataset, check_split, load_image, resolve_dirs
+from mbv2train.data.transforms import build_train_transform, build_val_transform
 from mbv2train.errors import DataError
-from mbv2train.folders import (ImageFolderDataset, check_split, find_classes, is_image_file, load_image,
-                               resolve_dirs)
 from mbv2train.preemption import ignore_in_worker
-
-__all__ = ["BadImageLog", "EpochSampler", "Loaders", "SeededDataset", "build_loaders", "build_mix_transform",
-           "build_train_transform", "build_val_loader", "build_val_transform", "find_classes",
-           "is_image_file", "load_image", "resolve_dirs"]
-
-# ---------------------------------------------------------------- transforms
-
-def _interpolation(cfg: DataConfig) -> InterpolationMode:
-    return InterpolationMode[cfg.interpolation.upper()]
-
-
-def build_train_transform(cfg: DataConfig) -> v2.Compose:
-    """PIL image -> uint8 tensor (3, image_size, image_size); no float math, that happens on the device."""
-    interp = _interpolation(cfg)
-    steps = [v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
-                                  interpolation=interp, antialias=True)]
-    if cfg.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
-    if cfg.auto_augment == "autoaugment":
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interp))
-    elif cfg.auto_augment == "randaugment":
-        steps.append(v2.RandAugment(interpolation=interp))
-    elif cfg.auto_augment == "trivialaugment":
-        steps.append(v2.TrivialAugmentWide(interpolation=interp))
-    steps.append(v2.PILToTensor())
-    if cfg.random_erasing > 0:
-        # After the tensor conversion because RandomErasing works on tensors; value 0 suits uint8.
-        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))
-    return v2.Compose(steps)
-
-
-def build_val_transform(cfg: DataConfig) -> v2.Compose:
-    """Resize the short side to val_resize, center-crop val_crop, uint8 tensor."""
-    return v2.Compose([v2.Resize(cfg.val_resize, interpolation=_interpolation(cfg), antialias=True),
-                       v2.CenterCrop(cfg.val_crop),
-                       v2.PILToTensor()])
-
 
 # ---------------------------------------------------------------- dataset and sampler
 
@@ -319,20 +280,3 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
     train_loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               **_loader_options(cfg, device_type))
     return Loaders(train_loader, val_loader, sampler, folder.classes, train_dir, val_dir)
-
-
-# ---------------------------------------------------------------- device-side steps
-
-def build_mix_transform(cfg: DataConfig, num_classes: int):
-    """MixUp and/or CutMix for float NCHW images and int64 labels -> (images, soft targets); None if off.
-
-    Runs on the device in the training step, which seeds the global RNG it draws from.
-    """
-    mixes = []
-    if cfg.mixup_alpha > 0:
-        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
-    if cfg.cutmix_alpha > 0:
-        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
-    if not mixes:
-        return None
-    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -1,0 +1,17 @@
+"""Data: ImageNet-style folders in, uint8 batches out.
+
+folders.py    the folder layout, classes, and reading an image file as RGB
+transforms.py train/val transforms (uint8 in the workers) and MixUp/CutMix (on the device)
+loaders.py    seeded dataset, epoch sampler, DataLoaders, the record of skipped unreadable images
+check.py      `mbv2 data check`: every file decoded as training would, the layout checked
+demo.py       the demo datasets written by `mbv2 data demo`
+"""
+
+from mbv2train.data.folders import ImageFolderDataset, find_classes, is_image_file, load_image, resolve_dirs
+from mbv2train.data.loaders import (BadImageLog, EpochSampler, Loaders, SeededDataset, available_cpus,
+                                    build_loaders, build_val_loader, worker_count)
+from mbv2train.data.transforms import build_mix_transform, build_train_transform, build_val_transform
+
+__all__ = ["BadImageLog", "EpochSampler", "ImageFolderDataset", "Loaders", "SeededDataset", "available_cpus", "build_loaders",
+           "build_mix_transform", "build_train_transform", "build_val_loader", "build_val_transform",
+           "find_classes", "is_image_file", "load_image", "resolve_dirs", "worker_count"]
