@@ -55,6 +55,9 @@ class DataConfig:
         "bilinear", "resampling filter for the train crop and the val resize")
     mean: tuple[float, ...] = setting((0.485, 0.456, 0.406), "per-channel mean (RGB, 0-1 scale) subtracted")
     std: tuple[float, ...] = setting((0.229, 0.224, 0.225), "per-channel std (RGB, 0-1 scale) divided by", gt=0)
+    decode: Literal["workers", "device"] = setting(
+        "workers", "where JPEGs are decoded: workers (libjpeg-turbo in the loader processes) or device "
+                   "(nvJPEG on the GPU; in the training process on a CPU); other formats always in the workers")
     batch_size: int = setting(32, "training images per step per process (global batch = this x processes)", ge=1)
     val_batch_size: Optional[int] = setting(None, "validation batch size per process; null: batch_size", ge=1)
     num_workers: int = setting(4, "data-loading worker processes per training process (capped at the CPUs available)", ge=0)

@@ -7,12 +7,40 @@ Workers never do float math: the float conversion and normalization happen on th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from mbv2train.config import DataConfig
 
 def _interpolation(cfg: DataConfig) -> InterpolationMode:
     return InterpolationMode[cfg.interpolation.upper()]
+
+
+@dataclass(frozen=True)
+class CropDraw:
+    """One training image's random window (in the upright image's pixels) and whether it is mirrored."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def draw_train_crop(image_height: int, image_width: int, cfg: DataConfig) -> CropDraw:
+    """The RandomResizedCrop window and the flip for an image of this size, drawn from torch's global
+    generator exactly as ``build_train_transform``'s pipeline draws them (same rule, same draws, same
+    order), so every decoder crops the window the PIL pipeline would have cropped."""
+    crop = v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
+    # A zero-size view stands in for the image: only its shape is read.
+    shape_only = torch.empty((1, 1, 1), dtype=torch.uint8).expand(3, image_height, image_width)
+    make_params = getattr(crop, "make_params", None) or crop._get_params  # renamed in torchvision 0.21
+    box = make_params([shape_only])
+    # v2.RandomHorizontalFlip flips when torch.rand(1) < p, and draws nothing when it is left out (p = 0).
+    flip = cfg.hflip > 0 and bool(torch.rand(1) < cfg.hflip)
+    return CropDraw(box["top"], box["left"], box["height"], box["width"], flip)
 
 
 def build_train_transform(cfg: DataConfig) -> v2.Compose:
