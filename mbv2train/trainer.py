@@ -302,7 +302,7 @@ class _Run:
         if fresh:
             self.tracker.hparams(self.cfg.to_dict())
             if self.cfg.train.tb_images:
-                self.tracker.images(_augmented_samples(self.loaders.train.dataset, self.cfg.train.tb_images))
+                self.tracker.images(_augmented_samples(self.loaders.train, self.cfg.train.tb_images))
 
 
 def _with_num_classes(cfg: Config, found: int) -> Config:
@@ -315,9 +315,12 @@ def _with_num_classes(cfg: Config, found: int) -> Config:
     return cfg
 
 
-def _augmented_samples(dataset, count: int) -> torch.Tensor:
+def _augmented_samples(loader, count: int) -> torch.Tensor:
     """The first training images exactly as epoch 1 augments them (uint8), for TensorBoard."""
-    return torch.stack([dataset[(1, i)][0] for i in range(min(count, len(dataset)))])
+    dataset = loader.dataset
+    # the loader's own collate: with data.decode: device it also decodes the JPEGs
+    images, _, _ = loader.collate_fn([dataset[(1, i)] for i in range(min(count, len(dataset)))])
+    return images.cpu()
 
 
 def _epoch_line(row: dict[str, Any], best_metric: str, best_value: float) -> str:

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from torchvision import datasets
 
 from mbv2train import rng
 from mbv2train.config import DataConfig
+from mbv2train.data.decode import load_image_fast
+from mbv2train.data.encoded import collate_encoded, leave_jpegs_encoded
 from mbv2train.data.folders import ImageFolderDataset, check_split, load_image, resolve_dirs
-from mbv2train.data.transforms import build_train_transform, build_val_transform
+from mbv2train.data.gpu_decode import BatchDecoder, DeviceDecodingLoader
+from mbv2train.data.transforms import TrainTransform, ValTransform
 from mbv2train.errors import DataError
 from mbv2train.preemption import ignore_in_worker
 
@@ -41,13 +43,14 @@ class SeededDataset(Dataset):
     """
 
     def __init__(self, folder: datasets.DatasetFolder, transform, seed: int, bad_images: str = "error",
-                 max_bad_fraction: float = 1.0, split: str = "train"):
+                 max_bad_fraction: float = 1.0, split: str = "train", loader=None):
         if bad_images not in ("error", "skip"):
             raise ValueError(f"bad_images must be 'error' or 'skip', not {bad_images!r}")
         self.samples = folder.samples
         self.classes = folder.classes
         self.root = getattr(folder, "root", "")
-        self.loader = getattr(folder, "loader", load_image)
+        # path -> decoded image, DataError if unreadable; the folder's own (PIL) unless one is given
+        self.loader = loader or getattr(folder, "loader", load_image)
         self.transform = transform
         self.seed = seed
         self.bad_images = bad_images
@@ -69,21 +72,24 @@ class SeededDataset(Dataset):
             bad = path
             image, label = self._substitute(index)
         sample_seed = rng.derive_seed(self.seed, rng.SAMPLE, epoch, index)
-        # With num_workers=0 this runs in the training process, so the global states are put back
-        # afterwards: loading data must never shift dropout or init draws. Only the CPU generator is
-        # seeded (transforms draw from it); torch.manual_seed would also touch CUDA and cost ~0.3 ms.
+        # Only torch's CPU generator is seeded: the transforms (ours and torchvision's v2) draw from it
+        # alone, never from Python's `random`, whose state costs tens of microseconds to save and seed.
+        # torch.manual_seed would also touch CUDA and cost ~0.3 ms.
         cpu = torch.default_generator
-        torch_state, py_state = cpu.get_state(), random.getstate()
+        if get_worker_info() is not None:  # a worker process: nothing else draws from its generator
+            cpu.manual_seed(sample_seed)
+            return self.transform(image), label, bad
+        # With num_workers=0 this runs in the training process, so the state is put back afterwards:
+        # loading data must never shift dropout or init draws.
+        state = cpu.get_state()
         cpu.manual_seed(sample_seed)
-        random.seed(sample_seed)
         try:
             image = self.transform(image)
         finally:
-            cpu.set_state(torch_state)
-            random.setstate(py_state)
+            cpu.set_state(state)
         return image, label, bad
 
-    def _substitute(self, index: int) -> tuple[Image.Image, int]:
+    def _substitute(self, index: int) -> tuple[Union[torch.Tensor, Image.Image], int]:
         """Image and label of the first readable sample after ``index`` (wrapping around)."""
         n = len(self.samples)
         # A run of consecutive unreadable files is that many distinct bad files; once it is longer than
@@ -236,6 +242,28 @@ def _loader_options(cfg: DataConfig, device_type: str) -> dict:
     return options
 
 
+def collate_channels_last(items: Sequence[tuple[torch.Tensor, int, str]]):
+    """default_collate for SeededDataset items, with the images stacked into channels-last memory: (uint8
+    images (N, 3, H, W) with strides (HW3, 1, W3, 3), int64 labels, bad paths).
+
+    The transforms leave images channels-last (decoded JPEGs, PILToTensor's output), so the stack is one
+    plain copy per image instead of a scatter into planes, and the device step's reorder to channels_last
+    (engine.Runtime.prepare) finds nothing left to do. Pinning and the copy to the device keep the strides."""
+    images = default_collate([image.permute(1, 2, 0) for image, _, _ in items])  # (N, H, W, 3); shared
+    labels, bad = default_collate([item[1:] for item in items])  # memory in a worker, as default_collate's
+    return images.permute(0, 3, 1, 2), labels, bad
+
+
+def _data_loader(dataset: SeededDataset, cfg: DataConfig, train: bool, device_type: str, **options):
+    """DataLoader over ``dataset``. With data.decode: device, JPEGs leave the workers encoded with their
+    random draws, and the loader decodes each batch in the training process (data/gpu_decode.py)."""
+    if cfg.decode != "device":
+        return DataLoader(dataset, collate_fn=collate_channels_last, **options, **_loader_options(cfg, device_type))
+    loader = DataLoader(leave_jpegs_encoded(dataset, cfg, train), collate_fn=collate_encoded, **options,
+                        **_loader_options(cfg, device_type))
+    return DeviceDecodingLoader(loader, BatchDecoder(cfg, train, device_type, cfg.bad_images))
+
+
 def build_val_loader(cfg: DataConfig, val_dir: Path, rank: int = 0, world_size: int = 1,
                      device_type: str = "cpu", batch_size: Optional[int] = None
                      ) -> tuple[DataLoader, list[str]]:
@@ -244,12 +272,13 @@ def build_val_loader(cfg: DataConfig, val_dir: Path, rank: int = 0, world_size: 
     check_split(val_dir, "validation")
     folder = ImageFolderDataset(val_dir)
     # The val transform is deterministic, so the seed and the epoch (always 0) change nothing.
-    dataset = SeededDataset(folder, build_val_transform(cfg), seed=0, bad_images=cfg.bad_images,
-                            max_bad_fraction=cfg.max_bad_fraction, split="val")
+    # JPEGs are decoded by libjpeg-turbo and resized on the tensor, other formats by PIL (decode.py).
+    dataset = SeededDataset(folder, ValTransform(cfg), seed=0, loader=load_image_fast,
+                            bad_images=cfg.bad_images, max_bad_fraction=cfg.max_bad_fraction, split="val")
     sampler = EpochSampler(len(dataset), seed=0, shuffle=False, rank=rank, world_size=world_size,
                            drop_last=False)
-    loader = DataLoader(dataset, batch_size=batch_size or cfg.val_batch_size or cfg.batch_size,
-                        sampler=sampler, drop_last=False, **_loader_options(cfg, device_type))
+    loader = _data_loader(dataset, cfg, False, device_type, sampler=sampler, drop_last=False,
+                          batch_size=batch_size or cfg.val_batch_size or cfg.batch_size)
     return loader, folder.classes
 
 
@@ -274,9 +303,9 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
         raise DataError(f"class folders differ between {train_dir} ({len(folder.classes)}) and {val_dir} "
                         f"({len(val_classes)}): {_differences(folder.classes, val_classes)}")
 
-    dataset = SeededDataset(folder, build_train_transform(cfg), seed, bad_images=cfg.bad_images,
-                            max_bad_fraction=cfg.max_bad_fraction, split="train")
+    dataset = SeededDataset(folder, TrainTransform(cfg), seed, loader=load_image_fast,
+                            bad_images=cfg.bad_images, max_bad_fraction=cfg.max_bad_fraction, split="train")
     sampler = EpochSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=world_size)
-    train_loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              **_loader_options(cfg, device_type))
+    train_loader = _data_loader(dataset, cfg, True, device_type, batch_size=cfg.batch_size, sampler=sampler,
+                                drop_last=True)
     return Loaders(train_loader, val_loader, sampler, folder.classes, train_dir, val_dir)
