@@ -133,7 +133,7 @@ class TrainConfig:
     checkpoint_every_steps: int = setting(0, "also write last.pt every this many optimizer steps; 0: off", ge=0)
     checkpoint_every_minutes: float = setting(0.0, "also write last.pt every this many minutes; 0: off", ge=0)
     nonfinite: Literal["raise", "skip"] = setting(
-        "raise", "a NaN/inf loss: raise stops before the optimizer step; skip leaves the weights unchanged")
+        "raise", "a NaN/inf loss: the step is undone; raise stops the run at the next log or checkpoint, skip goes on")
     max_nonfinite_skips: int = setting(10, "skip: stop after this many non-finite steps in a row", ge=1)
     tb_images: int = setting(16, "augmented training images shown in TensorBoard at start; 0: none", ge=0)
 

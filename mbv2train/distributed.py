@@ -1,12 +1,18 @@
 """torchrun support: process rank, world size, and reductions. A plain `mbv2 train` is world size 1.
 
 torchrun's RANK, WORLD_SIZE and LOCAL_RANK are read here and nowhere else.
+
+Two kinds of agreement between processes: tensors that live on the device (sums, the non-finite flag)
+go through the main process group (NCCL on GPUs), never read back by the host during a step; flags that
+the host raises (a stop signal, rank 0's clock) go through a gloo group on the CPU, so that agreeing on
+them never waits for the GPU.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,12 +44,25 @@ def init_distributed(device_type: str) -> DistInfo:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    global _host_group
+    # every process creates it, in the same order: new_group is itself a collective
+    _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return info
 
 
 def shutdown_distributed() -> None:
+    global _host_group
+    _host_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# The group for host-side flags: a gloo group beside NCCL, None when the main group is gloo already (CPU).
+_host_group = None
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
@@ -64,10 +83,67 @@ def current_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def all_ranks_true(flag: torch.Tensor) -> bool:
-    """Whether a boolean tensor is true on every process: one small reduction, so that all ranks take
-    the same branch (a rank that skips a backward pass while the others all-reduce gradients would hang)."""
-    return bool(_all_reduce(flag.to(torch.int32), dist.ReduceOp.MIN).item())
+def any_rank_later(flag: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start finding out whether a boolean device tensor is true on any process; returns the function
+    that gives the answer, as a boolean tensor on the device. The reduction runs while the caller goes
+    on, and waiting for it holds back the device's stream, not the host (NCCL). In a single process the
+    answer is the flag itself, at no cost."""
+    if not _initialized():
+        return lambda: flag
+    values = flag.to(torch.uint8)
+    work = dist.all_reduce(values, op=dist.ReduceOp.MAX, async_op=True)
+
+    def answer() -> torch.Tensor:
+        work.wait()
+        return values.bool()
+    return answer
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether a host-side flag is set on any process (itself in a single process): a blocking all-reduce
+    of one integer on the CPU, which never waits for the GPU."""
+    if not _initialized():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(value[0])
+
+
+class StepVote:
+    """Host-side flags (a stop signal, rank 0's clock) that every process must act on at the same step,
+    agreed on without making any step wait. Under torchrun each step ``cast``s its flags in an all-reduce
+    on the CPU that runs while the next step computes, and the next step ``collect``s the answer: the
+    processes act one step after a flag was raised, all at that same step. In a single process
+    ``collect`` gives the flags of this very step, and nothing else is done."""
+
+    def __init__(self):
+        self._pending: Optional[tuple[torch.Tensor, object]] = None
+
+    def collect(self, mine: tuple[bool, ...]) -> tuple[bool, ...]:
+        """The agreed flags: ``mine`` in a single process; under torchrun, those of the previous step's
+        cast (all false before the first)."""
+        if not _initialized():
+            return mine
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return tuple(False for _ in mine)
+        values, work = pending
+        work.wait()
+        return tuple(bool(v) for v in values.tolist())
+
+    def cast(self, mine: tuple[bool, ...]) -> None:
+        """Send this step's flags (under torchrun; nothing to do in a single process)."""
+        if _initialized():
+            values = torch.tensor([int(flag) for flag in mine], dtype=torch.int32)
+            work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_host_group, async_op=True)
+            self._pending = (values, work)
+
+    def drain(self) -> None:
+        """Wait for a cast nobody will collect (at an epoch's end), so that no reduction is left in flight.
+        The flags themselves are not lost: a stop signal stays set, and rank 0's clock stays past due."""
+        if self._pending is not None:
+            self._pending[1].wait()
+            self._pending = None
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:

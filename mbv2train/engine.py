@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbv2train import rng
-from mbv2train.distributed import all_gather_rows, all_ranks_true, all_reduce_sum, current_rank
-from mbv2train.errors import NonFiniteLoss
+from mbv2train.distributed import all_gather_rows, all_reduce_sum, current_rank
 from mbv2train.faults import Faults
+from mbv2train.prefetch import Prefetcher
 from mbv2train.progress import Progress
+from mbv2train.step_guard import EmaUpdate, StepGuard
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class Runtime:
         labels = labels.to(self.device, non_blocking=True)
         if self.channels_last:  # reorder while values are still 1 byte; the float math keeps the layout
             images = images.contiguous(memory_format=torch.channels_last)
-        images = (images.float() - self.mean) / self.std
+        # the conversion makes a new tensor, so normalizing it in place changes nothing the caller holds
+        images = images.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)
         return images, labels
 
 
@@ -63,6 +65,7 @@ class TrainSettings:
     accum_steps: int = 1
     grad_clip_norm: Optional[float] = None
     ema_every_steps: int = 1
+    ema_decay: float = 0.9999
     log_every_steps: int = 50
     skip_nonfinite: bool = False
     max_nonfinite_skips: int = 10
@@ -81,12 +84,21 @@ class EpochProgress:
     bad_images: int = 0
     nonfinite_skips: int = 0
     scaler_skips: int = 0
+    # The running epoch's StepGuard, whose flags still on the device complete the counts above (settle)
+    guard: Optional[StepGuard] = field(default=None, repr=False, compare=False)
+
+    def settle(self) -> None:
+        """Read the steps' flags still on the device into the counts above: a wait for the device, and
+        where train.nonfinite says so a NonFiniteLoss. state() does it first, so a checkpoint is complete."""
+        if self.guard is not None:
+            self.guard.settle(self)
 
     def state(self, gather: bool = False) -> dict[str, Any]:
         """As plain values and CPU tensors. With ``gather`` (a collective: every process calls it), also
         each process's own part of the sums as ``rank_parts``, one row per rank (float64 holds the float32
         and integer sums exactly), so that a resumed process continues its own part."""
-        state = {**{f.name: getattr(self, f.name) for f in fields(self)},
+        self.settle()
+        state = {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "guard"},
                  "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu()}
         if gather:
             mine = torch.stack([self.loss_sum.detach().double(), self.correct.detach().double(),
@@ -116,7 +128,9 @@ class EpochHooks:
     """What the trainer plugs into an epoch."""
 
     log_step: Optional[Callable[[int, dict], None]] = None  # (global step, values) every log_every_steps
-    after_step: Optional[Callable[[int, EpochProgress], None]] = None  # after each optimizer step; may raise
+    # after each optimizer step; may raise. Reading the progress's counts or sums waits for the device:
+    # do it only at boundaries (a checkpoint: EpochProgress.state settles first)
+    after_step: Optional[Callable[[int, EpochProgress], None]] = None
     bad_images: Optional[Any] = None  # data.BadImageLog: warns about and counts substituted images
     faults: Faults = field(default_factory=Faults)
 
@@ -131,20 +145,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
     the epoch goes, so ``hooks.after_step`` can checkpoint it. Every micro-step reseeds torch's RNG from
     (seed, step), so dropout and MixUp/CutMix draws depend only on the position in the run: a resumed run
     continues exactly.
+
+    A step never waits for the device (step_guard.py): the non-finite check stays on the device and is
+    read at log steps, checkpoints (``done.state()``), the progress bar's refreshes and the epoch's end.
     """
     hooks = hooks or EpochHooks()
     model.train()
     accum = settings.accum_steps
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    skipped_in_a_row, step_is_finite = 0, True
-    buffers = [b for b in model.buffers()] if settings.skip_nonfinite else []
+    guard = StepGuard(model, optimizer, settings.skip_nonfinite, settings.max_nonfinite_skips, epoch)
+    done.guard = guard
+    update_ema = EmaUpdate(ema, model, settings.ema_decay) if ema is not None else None
     rank = current_rank()
-    data_time, seen_here = 0.0, 0
-    started = fetch_started = time.perf_counter()
-    batches = iter(loader)
-    for micro in range(done.steps * accum, steps_per_epoch * accum):
-        images, labels, bad = next(batches)
-        data_time += time.perf_counter() - fetch_started
+    started = time.perf_counter()
+    batches = Prefetcher(loader, rt.device)
+    first_micro, end_micro = done.steps * accum, steps_per_epoch * accum
+    for micro in range(first_micro, end_micro):
+        images, labels, bad = batches.take()
         if hooks.bad_images is not None and any(bad):
             hooks.bad_images.record(bad)
             done.bad_images += sum(1 for path in bad if path)
@@ -154,12 +171,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
         if mix is not None:
             images, targets = mix(images, labels)
         if micro % accum == 0:
-            step_is_finite = True
-            saved_buffers = [b.clone() for b in buffers]  # a NaN forward must not poison BatchNorm stats
-            # this step's sums join the epoch's only if the step is taken
-            step_loss = torch.zeros((), device=rt.device)
-            step_correct = torch.zeros((), dtype=torch.long, device=rt.device)
-            step_seen = 0
+            guard.start_step(rt.device)
         last_micro = (micro + 1) % accum == 0
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -168,62 +180,42 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
                 loss = criterion(logits, targets)
             if hooks.faults.nan_loss(global_step + 1, rank, micro % accum + 1):
                 loss = loss * float("nan")
-            # A sync per micro-step, the price of never stepping on NaN. Under torchrun all ranks agree,
-            # so that they all skip the backward pass or none does.
-            if not all_ranks_true(torch.isfinite(loss)):
-                if not settings.skip_nonfinite:
-                    raise NonFiniteLoss(f"non-finite loss at step {global_step + 1} (epoch {epoch}); "
-                                        f"the last checkpoint holds finite weights")
-                step_is_finite = False
-            elif step_is_finite:
-                (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
-                step_loss += loss.detach().float() * len(labels)
-                step_seen += len(labels)
-                if mix is None:
-                    step_correct += (logits.detach().argmax(1) == labels).sum()
+            guard.add(loss, logits, labels, count_correct=mix is None)
+            if last_micro:
+                guard.agree()  # under torchrun, a NaN on one process must undo the step on all of them
+            if micro + 1 < end_micro:
+                batches.fetch()  # the next batch's copy to the device overlaps this backward pass
+            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
 
         if last_micro:
             done.lr = optimizer.param_groups[0]["lr"]
-            if step_is_finite:
-                skipped_in_a_row = 0
-                done.scaler_skips += _optimizer_step(model, optimizer, scaler, settings.grad_clip_norm)
-                done.loss_sum += step_loss
-                done.correct += step_correct
-                done.seen += step_seen
-                seen_here += step_seen
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                for buffer, saved in zip(buffers, saved_buffers):
-                    buffer.copy_(saved)
-                done.nonfinite_skips += 1
-                skipped_in_a_row += 1
-                if skipped_in_a_row >= settings.max_nonfinite_skips:
-                    raise NonFiniteLoss(f"{skipped_in_a_row} non-finite losses in a row, the last at step "
-                                        f"{global_step + 1}; giving up (train.max_nonfinite_skips)")
+            skipped = guard.finish_step(optimizer, scaler, settings.grad_clip_norm, done, global_step + 1)
             with warnings.catch_warnings():
                 # a step skipped (by us or by fp16's GradScaler) still uses up its place on the LR curve
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
                 scheduler.step()
             global_step += 1
             done.steps += 1
-            if ema is not None and step_is_finite and global_step % settings.ema_every_steps == 0:
-                ema.update_parameters(model)
+            if update_ema is not None and global_step % settings.ema_every_steps == 0:
+                update_ema(skipped)
             if hooks.log_step is not None and global_step % settings.log_every_steps == 0:
+                done.settle()
                 hooks.log_step(global_step, {"loss": loss.item(), "lr": done.lr})
             hooks.faults.after_step(global_step)
             if hooks.after_step is not None:
                 hooks.after_step(global_step, done)
         if progress is not None:
-            progress.update(lambda: _progress_fields(done, mix is None, seen_here / (time.perf_counter() - started)))
-        fetch_started = time.perf_counter()
+            progress.update(lambda: _progress_fields(done, guard, mix is None, started))
 
-    counts = torch.tensor([float(done.seen), float(seen_here), float(done.bad_images)], device=rt.device)
+    done.settle()
+    done.guard = None  # its snapshots are as large as the weights: let them go now
+    counts = torch.tensor([float(done.seen), float(guard.images_taken), float(done.bad_images)], device=rt.device)
     totals = all_reduce_sum(torch.cat([torch.stack([done.loss_sum.float(), done.correct.float()]), counts]))
     elapsed = time.perf_counter() - started  # after the reduction, which waits for the device
     loss_total, correct_total, seen_total, seen_here_total, bad_total = totals.tolist()
     metrics = {"train_loss": loss_total / max(seen_total, 1), "lr": done.lr,
                "img_per_s": seen_here_total / elapsed, "epoch_time_s": elapsed,
-               "data_time_frac": data_time / elapsed, "bad_images": int(bad_total),
+               "data_time_frac": batches.waited / elapsed, "bad_images": int(bad_total),
                "nonfinite_skips": done.nonfinite_skips}
     if scaler is not None:
         metrics["scaler_skips"] = done.scaler_skips
@@ -232,30 +224,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
     return metrics, global_step
 
 
-def _progress_fields(done: EpochProgress, with_top1: bool, images_per_s: float) -> dict[str, str]:
+def _progress_fields(done: EpochProgress, guard: StepGuard, with_top1: bool, started: float) -> dict[str, str]:
+    done.settle()  # the numbers below wait for the device anyway
+    images_per_s = guard.images_taken / (time.perf_counter() - started)
     fields_ = {"loss": f"{done.loss_sum.item() / max(done.seen, 1):.4f}", "lr": f"{done.lr:.4g}"}
     if with_top1:
         fields_["top1"] = f"{done.correct.item() / max(done.seen, 1):.3f}"
     fields_["img/s"] = f"{images_per_s:.0f}"
     return fields_
-
-
-def _optimizer_step(model: nn.Module, optimizer, scaler, clip_norm: Optional[float]) -> int:
-    """One optimizer step; returns 1 when fp16's GradScaler skipped it, else 0."""
-    if clip_norm is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-    skipped = 0
-    if scaler is not None:
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        skipped = int(scaler.get_scale() < scale)  # the scaler found inf/NaN gradients and skipped the step
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return skipped
 
 
 @torch.inference_mode()

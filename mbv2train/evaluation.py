@@ -13,7 +13,7 @@ from mbv2train import data, engine, yaml_schema
 from mbv2train.config import Config, config_from_dict, load_config
 from mbv2train.errors import CheckpointError, DataError
 from mbv2train.model import build_model
-from mbv2train.trainer import resolve_amp, resolve_device
+from mbv2train.devices import resolve_amp, resolve_device
 
 
 @dataclasses.dataclass

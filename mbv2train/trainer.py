@@ -16,7 +16,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from mbv2train import checkpoint as ckpt
 from mbv2train import data, engine, optim, rng, run_state
 from mbv2train.config import Config
-from mbv2train.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_from_rank0, init_distributed,
+from mbv2train.devices import resolve_amp, resolve_device
+from mbv2train.distributed import (DistInfo, StepVote, any_rank, barrier, broadcast_from_rank0, init_distributed,
                                     min_over_ranks, shutdown_distributed)
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.faults import NO_FAULTS, Faults
@@ -24,32 +25,6 @@ from mbv2train.model import build_model
 from mbv2train.preemption import Preempted, StopFlag
 from mbv2train.progress import Progress, log
 from mbv2train.tracking import TIMING_FIELDS, NullTracker, Tracker, append_event, truncate_metrics
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda was asked for but no CUDA GPU is visible")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def resolve_amp(choice: str, device: torch.device) -> Optional[torch.dtype]:
-    """auto: bf16 on CUDA GPUs that support it (no loss scaling needed), fp16 on older GPUs, none on CPU.
-
-    On the CPU, full float32 is the default because bf16 is only fast with native bf16 instructions and
-    emulated (several times slower) without them; ask for it with train.amp: bf16 where it helps
-    (docs/PERFORMANCE.md has measurements).
-    """
-    if choice == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if choice == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp: fp16 needs a CUDA GPU; use bf16 or none on the CPU")
-    return AMP_DTYPES[choice]
 
 
 def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] = (),
@@ -65,13 +40,16 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
     dist = init_distributed(device.type)
     stop = StopFlag(announce=dist.is_main).install()
     try:
-        return _Run(cfg, device, amp_dtype, dist, stop, faults).train(resume, allow_changes)
+        return Run(cfg, device, amp_dtype, dist, stop, faults).train(resume, allow_changes)
     finally:
         stop.restore()
         shutdown_distributed()
 
 
-class _Run:
+class Run:
+    """One training run: everything `mbv2 train` builds from a config (loaders, model, optimizer, EMA,
+    runtime), then ``train`` runs its epochs. Building touches no run directory; ``train`` opens it."""
+
     def __init__(self, cfg: Config, device: torch.device, amp_dtype, dist: DistInfo, stop: StopFlag,
                  faults: Faults):
         self.device, self.amp_dtype, self.dist, self.stop, self.faults = device, amp_dtype, dist, stop, faults
@@ -88,8 +66,9 @@ class _Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = None
         if cfg.train.ema:
+            # on the device, its count included: the engine updates it there (step_guard.EmaUpdate)
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
-                                     use_buffers=True)
+                                     use_buffers=True, device=device)
         self.global_batch = cfg.data.batch_size * dist.world_size * cfg.train.accum_steps
         self.optimizer = optim.build_optimizer(self.model, cfg.optim, self.global_batch)
         self.steps_per_epoch = len(self.loaders.train) // cfg.train.accum_steps
@@ -102,6 +81,7 @@ class _Run:
         self.settings = engine.TrainSettings(
             seed=cfg.train.seed, label_smoothing=cfg.train.label_smoothing, accum_steps=cfg.train.accum_steps,
             grad_clip_norm=cfg.train.grad_clip_norm, ema_every_steps=cfg.train.ema_every_steps,
+            ema_decay=cfg.train.ema_decay,
             log_every_steps=cfg.train.log_every_steps, skip_nonfinite=cfg.train.nonfinite == "skip",
             max_nonfinite_skips=cfg.train.max_nonfinite_skips)
         self.bad_train = self.bad_val = None
@@ -118,6 +98,9 @@ class _Run:
         self.best_metric, self.best_value, self.best_epoch = cfg.best_metric(), None, None
         self.epoch, self.global_step = 0, 0  # completed epochs and optimizer steps
         self.last_save = time.monotonic()
+        # what every process must act on at the same step: a stop signal, and rank 0's clock for
+        # train.checkpoint_every_minutes (clocks differ between processes: rank 0's decides for all)
+        self.step_vote = StepVote()
 
     # ---------------------------------------------------------------------------------------- main loop
 
@@ -154,7 +137,8 @@ class _Run:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+            # gradients as views of DDP's all-reduce buckets: no copy between the two each step
+            train_model = DistributedDataParallel(train_model, device_ids=device_ids, gradient_as_bucket_view=True)
         mix = data.build_mix_transform(cfg.data, cfg.model.num_classes)
         precision = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         where = (f"resuming at epoch {self.epoch + 1}, step {done.steps}/{self.steps_per_epoch}" if state is not None
@@ -192,6 +176,7 @@ class _Run:
             train_model, loaders.train, self.optimizer, self.scheduler, self.scaler, self.rt, self.settings,
             epoch, self.global_step, self.steps_per_epoch, done, ema=self.ema, mix=mix, progress=progress,
             hooks=hooks)
+        self.step_vote.drain()  # the last step's vote: from here on, stop checks ask all processes at once
         progress.close()
 
         val_started = time.perf_counter()
@@ -237,16 +222,25 @@ class _Run:
     # ---------------------------------------------------------------------------------------- checkpoints
 
     def _after_step(self, epoch: int, global_step: int, done: engine.EpochProgress) -> None:
-        """After every optimizer step: save when a stop signal came or a step/minute interval is up."""
+        """After every optimizer step: save when a stop signal came or a step/minute interval is up.
+
+        Nothing here waits for the device unless it saves. Under torchrun the processes learn of a signal
+        or of rank 0's clock one step late (StepVote), and all act at that same step."""
         self.global_step = global_step
-        if self._stop_requested():
+        stop, minutes_up = self.step_vote.collect(self._step_flags())
+        if stop:
             self._save_and_stop(epoch, done)
-        every_steps, every_minutes = self.cfg.train.checkpoint_every_steps, self.cfg.train.checkpoint_every_minutes
-        due = bool(every_steps) and self.global_step % every_steps == 0
-        if every_minutes:  # clocks differ between processes: rank 0's decides for all
-            due = self._agree(due or (self.say and time.monotonic() - self.last_save >= every_minutes * 60))
+        every_steps = self.cfg.train.checkpoint_every_steps
+        due = (bool(every_steps) and self.global_step % every_steps == 0) or minutes_up
         if due and done.steps < self.steps_per_epoch:  # the epoch's end saves anyway
             self._save(done)
+        self.step_vote.cast(self._step_flags())  # after the save: a save just made resets rank 0's clock
+
+    def _step_flags(self) -> tuple[bool, bool]:
+        """(a stop signal came, train.checkpoint_every_minutes is up on rank 0's clock)."""
+        every_minutes = self.cfg.train.checkpoint_every_minutes
+        minutes_up = bool(every_minutes) and self.say and time.monotonic() - self.last_save >= every_minutes * 60
+        return bool(self.stop), minutes_up
 
     def _save_and_stop(self, epoch: int, done: engine.EpochProgress) -> None:
         self._save(done)
@@ -275,13 +269,8 @@ class _Run:
                              faults=self.faults)
 
     def _stop_requested(self) -> bool:
-        """A stop signal, agreed on by all processes so that they stop at the same step."""
-        return self._agree(bool(self.stop))
-
-    def _agree(self, mine: bool) -> bool:
-        if not self.dist.enabled:
-            return mine
-        return all_reduce_sum(torch.tensor([float(mine)], device=self.device)).item() > 0
+        """A stop signal, agreed on by all processes at once (a collective on the CPU, outside the steps)."""
+        return any_rank(bool(self.stop))
 
     def _open_run_dir(self, fresh: bool, allowed: list[str]) -> None:
         if not self.say:

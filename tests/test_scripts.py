@@ -1,19 +1,28 @@
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_script_prints_every_setting_against_the_plain_loop():
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--image-size", "32",
-                             "--width-mult", "0.35", "--batch-size", "4", "--steps", "1", "--warmup", "1"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "img/s" not in line]
-    rows = [[cell.strip() for cell in row] for row in rows if not row[0].strip().startswith("---")]
-    assert [row[0] for row in rows] == [
-        "plain loop: channels-first, float32", "mbv2train: channels-first, float32", "mbv2train: channels-first, bf16",
-        "mbv2train: channels_last, float32", "mbv2train: channels_last, bf16"]
-    assert rows[0][2] == "1.00x"
-    assert all(float(row[1]) > 0 for row in rows)
+@pytest.mark.slow  # loader worker processes, and every part of the check in turn
+def test_gpu_check_quick_on_the_cpu_runs_every_part(tmp_path):
+    out = tmp_path / "check.json"
+    # As the GPU machines run it: from the repository root with PYTHONPATH=., nothing installed.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    parts = ["model", "data_workers", "data_device", "train_workers", "train_device"]
+    assert [name for name in parts if "error" in report[name]] == []
+    assert report["model"]["rows"] and all(row["train_img_per_s"] > 0 for row in report["model"]["rows"])
+    assert (report["data_workers"]["decode"], report["data_device"]["decode"]) == ("workers", "device")
+    assert all(report[name]["ratio"] > 0 for name in ("data_workers", "data_device"))
+    assert all(report[name]["verdict"] in ("data-bound", "compute-bound") for name in ("train_workers", "train_device"))
+    assert report["sync_workers"] == report["sync_device"] == {"skipped": "needs a CUDA device"}
+    assert "| sync check: decode workers | needs a CUDA device |" in result.stdout  # the table

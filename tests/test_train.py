@@ -180,15 +180,15 @@ def test_grad_clip_norm_clips_every_optimizer_step(tiny_config, monkeypatch):
 
 
 def _one_sgd_step(clip_norm):
-    """(gradient, update) of one plain SGD step (lr 1) through engine._optimizer_step on a large loss."""
-    from mbv2train import engine
+    """(gradient, update) of one plain SGD step (lr 1) through step_guard.optimizer_step on a large loss."""
+    from mbv2train.step_guard import optimizer_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     (model(torch.randn(8, 4)).pow(2).sum() * 100).backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
-    engine._optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1.0), None, clip_norm)
+    optimizer_step(model.parameters(), torch.optim.SGD(model.parameters(), lr=1.0), None, clip_norm)
     return grad, before - torch.cat([p.detach().flatten() for p in model.parameters()])
 
 

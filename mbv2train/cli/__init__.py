@@ -1,0 +1,32 @@
+"""The ``mbv2`` command: parses options and calls one function per command.
+
+torch is imported inside the commands that need it, so ``mbv2 --help`` and config errors answer at
+once instead of after the second or more that importing torch takes.
+
+app.py       the Typer apps, shared options, and the wrapper that turns user errors into one line
+training.py  mbv2 train, mbv2 eval
+datasets.py  mbv2 data demo | photos | check
+bench.py     mbv2 bench data | model | train
+describe.py  mbv2 summary, mbv2 config show
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Importing a command module registers its commands on the app, in this order in --help.
+from mbv2train.cli import training  # noqa: F401
+from mbv2train.cli import datasets  # noqa: F401
+from mbv2train.cli import bench  # noqa: F401
+from mbv2train.cli import describe  # noqa: F401
+from mbv2train.cli.app import _cut_short_by_ctrl_c, app, reports_user_errors
+
+__all__ = ["app", "main", "reports_user_errors", "_cut_short_by_ctrl_c"]
+
+
+def main() -> None:
+    app(prog_name="mbv2")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

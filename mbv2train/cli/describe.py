@@ -1,0 +1,69 @@
+"""`mbv2 summary` and `mbv2 config show`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from mbv2train.cli.app import ConfigOption, SetOption, app, config_app, reports_user_errors
+
+
+@app.command()
+@reports_user_errors
+def summary(
+    config: ConfigOption = None,
+    width_mult: Annotated[Optional[float], typer.Option(
+        help="Width multiplier (overrides model.width_mult).")] = None,
+    image_size: Annotated[int, typer.Option(min=1, max=4096, help="Input height and width in pixels.")] = 224,
+    num_classes: Annotated[Optional[int], typer.Option(
+        help="Number of classes (overrides model.num_classes).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for the shapes and batch totals.")] = 1,
+    depth: Annotated[int, typer.Option(
+        min=0, help="How many levels of the module tree the table shows (0: the model only).")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    show_grid: Annotated[bool, typer.Option(
+        "--grid", help="Parameters and multiply-adds for widths 0.35-1.4 at 96-224 px, as one table.")] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Print the layer table, parameter count and multiply-adds of MobileNetV2."""
+    from mbv2train.config import load_config
+
+    cfg = load_config(config, overrides or [], options={"model.width_mult": ("--width-mult", width_mult),
+                                                         "model.num_classes": ("--num-classes", num_classes)})
+
+    from mbv2train import summary as summ  # torch comes in here
+
+    num_classes = cfg.model.num_classes or 1000  # unset means "from the data"; summary has none
+
+    if show_grid:
+        cells = summ.grid(num_classes=num_classes)
+        if as_json:
+            typer.echo(json.dumps({"num_classes": num_classes, "cells": cells}))
+        else:
+            typer.echo(summ.format_grid(cells, num_classes))
+        return
+
+    model_cfg = dataclasses.replace(cfg.model, num_classes=num_classes)
+    result = summ.summarize_config(model_cfg, image_size=image_size, batch_size=batch_size, depth=depth)
+    if as_json:
+        typer.echo(json.dumps({"model": "MobileNetV2", "width_mult": cfg.model.width_mult,
+                               "num_classes": num_classes, **result.to_dict()}))
+    else:
+        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {num_classes} classes, "
+                 f"input {'x'.join(map(str, result.input_size))}")
+        typer.echo(summ.format_summary(result, title))
+
+
+@config_app.command("show")
+@reports_user_errors
+def config_show(config: ConfigOption = None, overrides: SetOption = None) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    import yaml
+
+    from mbv2train.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())

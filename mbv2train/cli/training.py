@@ -1,0 +1,90 @@
+"""`mbv2 train` and `mbv2 eval`."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mbv2train.cli.app import ConfigOption, DataOption, SetOption, app, reports_user_errors
+
+
+@app.command()
+@reports_user_errors
+def train(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    output_dir: Annotated[Optional[Path], typer.Option(
+        help="Run directory for checkpoints, metrics and TensorBoard files (sets train.output_dir).")] = None,
+    overrides: SetOption = None,
+    resume: Annotated[Optional[str], typer.Option(
+        help="'auto': continue from the newest valid checkpoint in the run directory, if any; "
+             "or a checkpoint path.")] = None,
+    allow_change: Annotated[Optional[list[str]], typer.Option(
+        help="On resume, accept a change to this config key on purpose (repeatable); it is recorded "
+             "in metrics.jsonl.")] = None,
+    fault: Annotated[Optional[list[str]], typer.Option(hidden=True)] = None,
+) -> None:
+    """Train MobileNetV2 on an ImageNet-style folder (one subfolder per class).
+
+    SIGTERM, SIGINT or SIGUSR1 finish the current step, write a checkpoint and exit with 128 + the signal
+    number; a second Ctrl-C stops at once.
+    """
+    from mbv2train.config import load_config
+    from mbv2train.faults import Faults
+
+    cfg = load_config(config, overrides or [], options={
+        "data.root": ("--data", str(data) if data is not None else None),
+        "train.output_dir": ("--output-dir", str(output_dir) if output_dir is not None else None)})
+    faults = Faults.parse(fault or [])
+
+    from mbv2train.preemption import Preempted
+    from mbv2train.trainer import fit  # torch comes in here
+
+    try:
+        fit(cfg, resume=resume, allow_changes=allow_change or [], faults=faults)
+    except Preempted as stopped:
+        command = ["mbv2", *sys.argv[1:]]
+        if "--resume" not in command:
+            command += ["--resume", "auto"]
+        typer.echo(f"{stopped}\nresume with: {shlex.join(command)}")
+        raise typer.Exit(stopped.exit_code) from None
+
+
+@app.command("eval")
+@reports_user_errors
+def evaluate(
+    ckpt: Annotated[Path, typer.Option(help="Checkpoint from mbv2 train, or a bare MobileNetV2 state dict.")],
+    data: Annotated[Optional[Path], typer.Option(
+        help="Dataset root (its val split is used) or a folder of class folders; "
+             "default: the checkpoint's own data settings.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Use this config's data and train settings instead of the checkpoint's; "
+                               "a training checkpoint keeps its own model.")] = None,
+    overrides: SetOption = None,
+    ema: Annotated[Optional[bool], typer.Option(
+        "--ema/--no-ema", help="Evaluate the EMA weights or the raw ones; "
+                               "default: whichever the run's best metric followed.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per batch.")] = None,
+    width_mult: Annotated[Optional[float], typer.Option(
+        help="Width multiplier of a bare state dict (default 1.0).")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(
+        min=1, help="Classes of a bare state dict (default: read from its classifier).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Report loss, top-1 and top-5 of a checkpoint on a validation folder."""
+    from mbv2train.evaluation import EvalRequest, run_eval
+
+    result = run_eval(EvalRequest(ckpt=ckpt, data=data, config=config, overrides=overrides or [], ema=ema,
+                                  batch_size=batch_size, width_mult=width_mult, num_classes=num_classes))
+    if as_json:
+        typer.echo(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
+                               "images": result["images"], "ema": result["ema"], "ckpt": str(ckpt)}))
+    else:
+        weights = "EMA weights" if result["ema"] else "weights"
+        typer.echo(f"{ckpt} ({weights}) on {result['val_dir']}: top-1 {result['top1']:.4f}  "
+                   f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  images {result['images']}")

@@ -1,0 +1,241 @@
+"""`mbv2 data photos` and `mbv2 bench data | model | train`: what they write and report, at tiny sizes.
+
+Speed itself is never asserted; the tests check that each figure is there, sane, and computed as stated.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mbv2train.cli import app
+from mbv2train.data.demo import write_photo_dataset
+from mbv2train.errors import DataError
+
+TINY = ["--set", "model.width_mult=0.25", "--set", "data.image_size=32", "--set", "data.val_resize=32",
+        "--set", "data.val_crop=32", "--set", "data.batch_size=4", "--set", "train.device=cpu"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def json_result(*args) -> dict:
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # nothing but the JSON object on stdout
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return write_photo_dataset(tmp_path_factory.mktemp("photos") / "set", classes=2, per_class=12,
+                               val_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def photo_root(photos):
+    return Path(photos["path"])
+
+
+def files_under(root) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- mbv2 data photos
+
+def test_photo_set_has_the_asked_counts_of_jpegs(photo_root):
+    for split, per_class in (("train", 12), ("val", 2)):
+        classes = sorted(p.name for p in (photo_root / split).iterdir())
+        assert classes == ["c000", "c001"]
+        for name in classes:
+            files = sorted((photo_root / split / name).iterdir())
+            assert len(files) == per_class
+            assert all(f.read_bytes()[:3] == b"\xff\xd8\xff" for f in files)  # JPEG by content
+
+
+def test_photo_set_images_have_imagenet_like_sizes(photo_root):
+    from PIL import Image
+
+    sizes = []
+    for path in sorted(photo_root.glob("train/*/*.jpg")):
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.mode in ("RGB", "L")
+            sizes.append(image.size)
+    assert all(300 <= max(w, h) <= 640 and min(w, h) >= 160 for w, h in sizes)
+    assert len(set(sizes)) > 1  # varied, not one size cut many times
+
+
+def test_photo_set_is_the_same_for_the_same_options(photos, tmp_path):
+    again = write_photo_dataset(tmp_path / "again", classes=2, per_class=12, val_per_class=2, workers=2)
+    first, second = files_under(photos["path"]), files_under(again["path"])
+    assert [p.relative_to(photos["path"]) for p in first] == [p.relative_to(again["path"]) for p in second]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second))
+
+
+def test_photo_set_already_there_is_left_as_it_is(photos):
+    again = write_photo_dataset(photos["path"], classes=2, per_class=12, val_per_class=2)
+    assert again["created"] is False
+
+
+def test_photos_refuses_a_folder_holding_something_else(tmp_path):
+    (tmp_path / "mine.txt").write_text("not a photo set")
+    result = invoke("data", "photos", tmp_path, "--classes", "1", "--per-class", "1")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"error: {tmp_path} exists but is not the photo set of --classes 1 "
+                                          f"--per-class 1 --val-per-class 1; remove it or pick another folder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_photos_command_reports_what_it_wrote(tmp_path):
+    result = invoke("data", "photos", tmp_path / "set", "--classes", "2", "--per-class", "3", "--val-per-class", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"photo set written: {tmp_path / 'set'} (6 train / 2 val JPEGs, 2 classes)"
+    assert len(list((tmp_path / "set").glob("*/*/*.jpg"))) == 8
+
+
+def test_photos_without_scikit_learn_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if it were missing
+    with pytest.raises(DataError, match=r"needs scikit-learn: pip install 'mbv2train\[demo\]'"):
+        write_photo_dataset(tmp_path / "set", classes=1, per_class=1)
+    assert not (tmp_path / "set").exists()
+
+
+# ---------------------------------------------------------------- mbv2 bench data
+
+@pytest.fixture(scope="module")
+def data_result(photo_root):
+    return json_result("bench", "data", "--data", photo_root, "--workers", "0", "--batches", "3", *TINY)
+
+
+def test_bench_data_reports_the_loader_against_the_reference(data_result):
+    assert data_result["img_per_s"] > 0 and data_result["reference_img_per_s"] > 0
+    assert data_result["ratio"] == pytest.approx(data_result["img_per_s"] / data_result["reference_img_per_s"])
+    assert (data_result["device"], data_result["decode"], data_result["workers"]) == ("cpu", "workers", 0)
+
+
+def test_bench_data_without_workers_is_per_core(data_result):
+    assert data_result["threads"] == 1
+    assert data_result["img_per_s_per_worker"] == data_result["img_per_s"]
+    assert data_result["cpu_img_per_s"] > 0 and data_result["reference_cpu_img_per_s"] > 0
+    assert data_result["cpu_ratio"] == pytest.approx(data_result["cpu_img_per_s"]
+                                                     / data_result["reference_cpu_img_per_s"])
+
+
+def test_bench_data_alternates_three_rounds_of_both_pipelines(data_result):
+    assert len(data_result["rounds"]) == 3
+    assert all(r["img_per_s"] > 0 and r["reference_img_per_s"] > 0 for r in data_result["rounds"])
+    assert data_result["batches"] == 3 and data_result["batch_size"] == 4 and data_result["image_size"] == 32
+
+
+def test_bench_data_measures_device_decoding(photo_root):
+    result = json_result("bench", "data", "--data", photo_root, "--workers", "0", "--batches", "3",
+                         "--decode", "device", "--no-reference", *TINY)
+    assert result["decode"] == "device" and result["img_per_s"] > 0
+    assert result["reference_img_per_s"] is None and result["ratio"] is None
+
+
+def test_bench_data_text_output_names_the_ratio(photo_root):
+    result = invoke("bench", "data", "--data", photo_root, "--workers", "0", "--batches", "1", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "ratio: " in result.stdout and "img/s per core" in result.stdout
+    assert "round 1/1" in result.stderr  # progress on stderr, results on stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{missing}"], "does not exist"),
+    (["--data", "{root}", "--decode", "gpu"], "--decode gpu: data.decode: must be one of workers, device"),
+    (["--data", "{root}", "--workers", "-1"], "--workers -1: data.num_workers: must be >= 0"),
+    (["--data", "{root}", "--workers", "0", "--batches", "40"], "lower --batches or data.batch_size"),
+])
+def test_bench_data_bad_input_is_one_line_and_exit_2(photo_root, tmp_path, args, message):
+    args = [a.format(root=photo_root, missing=tmp_path / "missing") for a in args]
+    result = invoke("bench", "data", *args, *TINY)
+    assert result.exit_code == 2
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr
+
+
+# ---------------------------------------------------------------- mbv2 bench model
+
+def test_bench_model_reports_each_setting_against_the_plain_loop():
+    result = json_result("bench", "model", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--precision", "fp32",
+                         "--memory-format", "channels_last", *TINY)
+    assert [row["setting"] for row in result["rows"]] == ["fp32, channels_last"]
+    assert all(row["train_img_per_s"] > 0 and row["infer_img_per_s"] > 0 for row in result["rows"])
+    assert result["reference_img_per_s"] > 0
+    assert result["img_per_s"] == max(row["train_img_per_s"] for row in result["rows"])
+    assert result["ratio"] == pytest.approx(result["img_per_s"] / result["reference_img_per_s"])
+    assert result["device"] == "cpu" and "peak_memory_gib" not in result["rows"][0]
+
+
+@pytest.mark.parametrize("precision, message", [("fp16", "--precision: fp16 is not available"),
+                                                ("int8", "--precision: 'int8' is not one of fp32, bf16, fp16")])
+def test_bench_model_refuses_a_precision_the_device_lacks(precision, message):
+    result = invoke("bench", "model", "--precision", precision, "--steps", "1", *TINY)
+    assert result.exit_code == 2
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr
+
+
+def test_bench_model_cpu_precisions_are_fp32_and_bf16():
+    from mbv2train.bench.model import supported_precisions
+
+    assert supported_precisions(torch.device("cpu")) == ["fp32", "bf16"]
+
+
+# ---------------------------------------------------------------- mbv2 bench train
+
+@pytest.fixture(scope="module")
+def train_run(photo_root, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cwd")
+    before = os.getcwd()
+    os.chdir(cwd)  # the default train.output_dir is relative: nothing may appear here
+    try:
+        result = json_result("bench", "train", "--data", photo_root, "--steps", "2", "--warmup", "1",
+                             "--set", "data.num_workers=0", *TINY)
+    finally:
+        os.chdir(before)
+    return result, cwd
+
+
+def test_bench_train_reports_speed_data_wait_and_a_verdict(train_run):
+    result, _ = train_run
+    assert result["img_per_s"] > 0
+    assert 0 <= result["data_wait_frac"] < 1
+    assert result["verdict"] in ("data-bound", "compute-bound") and result["advice"]
+    assert (result["steps"], result["batch_size"], result["workers"], result["decode"]) == (2, 4, 0, "workers")
+
+
+def test_bench_train_writes_no_run_directory(train_run):
+    _, cwd = train_run
+    assert list(cwd.iterdir()) == []
+
+
+def test_bench_train_with_missing_data_is_one_line_and_exit_2(tmp_path):
+    result = invoke("bench", "train", "--data", tmp_path / "missing", *TINY)
+    assert result.exit_code == 2
+    assert len(result.stderr.splitlines()) == 1 and "does not exist" in result.stderr
+
+
+def _cfg(*overrides):
+    from mbv2train.config import load_config
+
+    return load_config(None, list(overrides))
+
+
+def test_waiting_for_data_past_the_threshold_is_data_bound_with_the_fixes():
+    from mbv2train.bench.train import verdict
+
+    kind, advice = verdict(0.30, _cfg("data.num_workers=2"), workers=2, cpus=16, device=torch.device("cuda"))
+    assert kind == "data-bound"
+    assert any("data.num_workers is 2 and 16 CPUs" in line for line in advice)
+    assert any("data.decode=device" in line for line in advice)
+
+
+def test_little_waiting_for_data_is_compute_bound():
+    from mbv2train.bench.train import DATA_BOUND_FRACTION, verdict
+
+    kind, _ = verdict(DATA_BOUND_FRACTION / 2, _cfg(), workers=4, cpus=4, device=torch.device("cpu"))
+    assert kind == "compute-bound"

@@ -1,0 +1,304 @@
+"""A steady-state training step never makes the host wait for the device; a non-finite step is undone on
+the device, exactly, and reported at the next boundary."""
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from conftest import TINY_RUN
+from mbv2train import engine, optim
+from mbv2train.config import OptimConfig, ScheduleConfig
+from mbv2train.errors import NonFiniteLoss
+from mbv2train.faults import Faults
+from mbv2train.model import MobileNetV2
+from mbv2train.progress import Progress
+from mbv2train.tracking import read_metrics
+from mbv2train.trainer import fit, without_timing
+
+# The Tensor methods that copy a value to the host: on a GPU each waits for all queued work.
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+STEPS = 7  # optimizer steps in the tiny epochs below
+STEADY = range(3, 6)  # the steps counted: not the first (warm-up) nor the last (the epoch's end reads the sums)
+
+
+class SyncCounter:
+    """Counts calls of SYNC_METHODS on tensors while ``active``, wherever they come from (our code or
+    torch's), with the line that made each."""
+
+    def __init__(self, monkeypatch):
+        self.active, self.calls = False, []
+        for name in SYNC_METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+
+    def _counting(self, name, original):
+        def counting(tensor, *args, **kwargs):
+            if self.active:
+                caller = sys._getframe(1)
+                self.calls.append(f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return original(tensor, *args, **kwargs)
+        return counting
+
+
+def tiny_model(device="cpu"):
+    torch.manual_seed(0)
+    return MobileNetV2(num_classes=3, width_mult=0.25).to(device).to(memory_format=torch.channels_last)
+
+
+def tiny_batches(count, batch_size=4, size=16, pin=False):
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(count):
+        images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, 3, (batch_size,), generator=generator)
+        batches.append((images.pin_memory() if pin else images, labels, ("",) * batch_size))
+    return batches
+
+
+def parts_for(model, optimizer="sgd", amp=None, ema=True, steps=STEPS) -> SimpleNamespace:
+    """What train_one_epoch needs besides the data, as the trainer builds it."""
+    device = next(model.parameters()).device
+    opt = optim.build_optimizer(model, OptimConfig(name=optimizer, lr=0.05), global_batch_size=4)
+    averaged = None
+    if ema:
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True, device=device)
+    return SimpleNamespace(
+        model=model, device=device, optimizer=opt, ema=averaged,
+        scheduler=optim.build_scheduler(opt, ScheduleConfig(warmup_epochs=0.5), epochs=1, steps_per_epoch=steps),
+        scaler=torch.amp.GradScaler(device.type) if amp == torch.float16 else None,
+        rt=engine.Runtime.create(device, amp, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+
+
+def run_epoch(parts, *, accum=1, skip=False, clip=1.0, faults=None, after_step=None, log_every=10**6,
+              log_step=None, steps=STEPS):
+    """One epoch of ``steps`` optimizer steps of engine.train_one_epoch on in-memory batches, with every
+    per-step policy on, logging every ``log_every`` steps (far away by default) and checkpointing never."""
+    settings = engine.TrainSettings(seed=0, label_smoothing=0.1, accum_steps=accum, grad_clip_norm=clip,
+                                    log_every_steps=log_every, skip_nonfinite=skip, max_nonfinite_skips=3)
+    hooks = engine.EpochHooks(log_step=log_step or (lambda step, values: None), after_step=after_step,
+                              faults=faults or Faults())
+    progress = Progress(steps * accum, "test", log_every=10**6, enabled=True)
+    batches = tiny_batches(steps * accum, pin=parts.device.type == "cuda")
+    metrics, _ = engine.train_one_epoch(parts.model, batches, parts.optimizer, parts.scheduler, parts.scaler,
+                                        parts.rt, settings, epoch=1, global_step=0, steps_per_epoch=steps,
+                                        done=engine.EpochProgress.from_state(None, parts.device), ema=parts.ema,
+                                        progress=progress, hooks=hooks)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ counting host syncs
+
+
+def test_the_counter_counts_a_deliberate_item(monkeypatch):
+    counter = SyncCounter(monkeypatch)
+    counter.active = True
+    torch.ones(2).sum().item()
+    if torch.ones(1):
+        pass
+    counter.active = False
+    assert [call.split(" at ")[0] for call in counter.calls] == ["item", "__bool__"]
+
+
+@pytest.mark.parametrize("optimizer, settings", [
+    ("sgd", {}),
+    ("rmsprop", {"accum": 2, "skip": True}),
+    ("sgd", {"faults": Faults(nan_loss_at_step=4), "skip": True}),  # a skipped step does not wait either
+], ids=["sgd", "rmsprop-accum2-skip", "nan-step"])
+def test_steady_state_steps_make_no_host_sync(monkeypatch, optimizer, settings):
+    counter = SyncCounter(monkeypatch)
+
+    def after_step(step, done):
+        counter.active = step + 1 in STEADY  # from the end of the step before to the end of the last one
+
+    metrics = run_epoch(parts_for(tiny_model(), optimizer), after_step=after_step, **settings)
+    assert counter.calls == []
+    assert metrics["nonfinite_skips"] == (1 if "faults" in settings else 0)  # read at the epoch's end
+
+
+def test_a_log_step_inside_the_window_is_seen_by_the_counter(monkeypatch):
+    # the same count with a log step in the window: the loss is read there, and the counter must see it
+    counter = SyncCounter(monkeypatch)
+    logged = []
+
+    def after_step(step, done):
+        counter.active = step + 1 in STEADY
+
+    run_epoch(parts_for(tiny_model()), after_step=after_step, log_every=4,
+              log_step=lambda step, values: logged.append(step))
+    assert logged == [4] and any(call.startswith("item") for call in counter.calls)
+
+
+@pytest.mark.slow  # loader worker processes
+def test_trainer_steps_make_no_host_sync(tiny_config, monkeypatch):
+    # The whole step as fit runs it, the trainer's stop and checkpoint checks included. Two loader
+    # workers keep the images' transforms (which draw random numbers with .item()) out of this process.
+    counter = SyncCounter(monkeypatch)
+
+    class CountingFaults(Faults):
+        def after_step(self, step):
+            super().after_step(step)
+            counter.active = step + 1 in STEADY
+
+    fit(tiny_config("data.batch_size=2", "data.num_workers=2", "train.epochs=1", "train.ema=true",
+                    "train.log_every_steps=1000", "train.grad_clip_norm=1.0"), faults=CountingFaults())
+    assert counter.calls == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer, amp", [("sgd", torch.bfloat16), ("adamw", torch.bfloat16),
+                                            ("rmsprop", torch.float16), ("sgd", None)])
+def test_steady_state_steps_pass_cuda_sync_debug_mode(optimizer, amp):
+    def after_step(step, done):
+        torch.cuda.set_sync_debug_mode("error" if step + 1 in STEADY else 0)
+
+    try:
+        metrics = run_epoch(parts_for(tiny_model("cuda"), optimizer, amp=amp), accum=2, skip=True,
+                            faults=Faults(nan_loss_at_step=4), after_step=after_step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert metrics["nonfinite_skips"] == 1
+
+
+# ------------------------------------------------------------------------------------ undoing a bad step
+
+
+def snapshot(parts):
+    """Copies of everything a step may change: weights, BatchNorm buffers, optimizer state, EMA."""
+    return {"model": {k: v.clone() for k, v in parts.model.state_dict().items()},
+            "optimizer": {(i, name): value.clone() for i, state in enumerate(parts.optimizer.state.values())
+                          for name, value in state.items() if torch.is_tensor(value)},
+            "ema": {k: v.clone() for k, v in parts.ema.state_dict().items()}}
+
+
+def assert_identical(a, b):
+    for part in a:
+        assert a[part] and a[part].keys() == b[part].keys(), part
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part} {key}"
+
+
+def snapshots_around(step, optimizer="sgd", **settings):
+    """(everything after step - 1, everything after step, the epoch's metrics or the NonFiniteLoss)."""
+    parts, states = parts_for(tiny_model(), optimizer), {}
+
+    def after_step(done_step, done):
+        states[done_step] = snapshot(parts)
+
+    try:
+        outcome = run_epoch(parts, after_step=after_step, **settings)
+    except NonFiniteLoss as error:
+        outcome = error
+    return states[step - 1], states[step], outcome
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_skipped_step_leaves_weights_buffers_optimizer_and_ema_bit_identical(optimizer, accum):
+    faults = Faults(nan_loss_at_step=3, nan_loss_micro_batch=accum)  # with accum 2: the 2nd micro-batch only
+    before, after, metrics = snapshots_around(3, optimizer, accum=accum, skip=True, faults=faults)
+    assert_identical(before, after)
+    assert metrics["nonfinite_skips"] == 1
+
+
+def test_a_taken_step_changes_them():  # the other side of the test above: the snapshots can differ
+    before, after, _ = snapshots_around(3)
+    for part in before:
+        assert any(not torch.equal(before[part][k], after[part][k]) for k in before[part]), part
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_raise_mode_also_undoes_the_step_and_names_it_at_the_boundary(accum):
+    faults = Faults(nan_loss_at_step=3, nan_loss_micro_batch=accum)
+    before, after, outcome = snapshots_around(3, accum=accum, skip=False, faults=faults)
+    assert_identical(before, after)
+    # no log step or checkpoint in this epoch: its end is the first look at the flags
+    assert isinstance(outcome, NonFiniteLoss)
+    assert str(outcome) == "non-finite loss at step 3 (epoch 1); the last checkpoint holds finite weights"
+
+
+def test_a_skipped_first_step_leaves_the_weights_and_a_zero_momentum():
+    parts = parts_for(tiny_model(), ema=False)
+    initial = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    states = {}
+
+    def after_step(step, done):
+        if step == 1:
+            states["model"] = {k: v.clone() for k, v in parts.model.state_dict().items()}
+            states["momentum"] = [s["momentum_buffer"].clone() for s in parts.optimizer.state.values()]
+
+    run_epoch(parts, skip=True, faults=Faults(nan_loss_at_step=1), after_step=after_step, steps=2)
+    assert all(torch.equal(initial[k], states["model"][k]) for k in initial)
+    assert states["momentum"] and not any(m.any() for m in states["momentum"])  # as before any step
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_materialized_state_steps_exactly_like_torchs_own_first_step(name):
+    models = [tiny_model(), tiny_model()]
+    optimizers = [optim.build_optimizer(m, OptimConfig(name=name, lr=0.01, nesterov=name == "sgd"), 4)
+                  for m in models]
+    optim.materialize_state(optimizers[1])
+    assert optimizers[1].state and not optimizers[0].state
+    assert all(torch.equal(a, b) for a, b in zip(*(m.state_dict().values() for m in models)))  # no weight moved
+    for _ in range(2):
+        for model, optimizer in zip(models, optimizers):
+            torch.manual_seed(2)
+            torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 16, 16)), torch.tensor([0, 2])).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*(m.state_dict().values() for m in models)))
+    assert all(torch.isfinite(p).all() for p in models[0].parameters())  # NaN would not equal itself
+    for a, b in zip(*(o.state_dict()["state"].values() for o in optimizers)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------ fetching ahead
+
+
+def test_a_loader_error_met_while_fetching_ahead_is_raised_at_the_batch_it_belongs_to():
+    from mbv2train.prefetch import Prefetcher
+
+    def loader():
+        yield from tiny_batches(2)
+        raise OSError("unreadable image")
+
+    batches = Prefetcher(loader(), torch.device("cpu"))
+    batches.take()
+    batches.fetch()  # batch 2, during step 1
+    batches.take()
+    batches.fetch()  # batch 3 fails, during step 2: step 2 must still finish
+    with pytest.raises(OSError, match="unreadable image"):
+        batches.take()
+
+
+# ------------------------------------------------------------------------------------ stop signals, torchrun
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_stop_signal_stops_every_process_one_step_later_and_resumes_exactly(image_root, tmp_path):
+    # Each process sends itself SIGTERM after step 4; they agree on it while step 5 computes, stop together
+    # after step 5, and the resumed run ends where an uninterrupted one does.
+    def torchrun(run, *extra):
+        args = ["train", "--data", str(image_root), "--output-dir", str(run)]
+        for item in [*TINY_RUN, "data.batch_size=2", "train.epochs=1", "train.ema=true"]:
+            args += ["--set", item]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", "-m", "mbv2train", *args, *extra], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    whole = torchrun(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = torchrun(tmp_path / "run", "--fault", "sigterm_at_step=4")
+    assert "stopped by SIGTERM at step 5" in stopped.stdout, stopped.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["global_step"] == 5
+    resumed = torchrun(tmp_path / "run", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("whole", "run"))
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    rows = [[without_timing(r) for r in read_metrics(tmp_path / name / "metrics.jsonl")] for name in ("whole", "run")]
+    assert rows[0] == rows[1]
