@@ -129,7 +129,8 @@ def bench_model(cfg: Config, device: torch.device, batch_size: int, steps: int, 
         if name not in PRECISIONS:
             raise ConfigError(f"--precision: {name!r} is not one of {', '.join(PRECISIONS)}")
         if name not in supported:
-            raise ConfigError(f"--precision: {name} is not available on {device_name(device)}")
+            where = "the CPU (fp16 needs a CUDA GPU)" if device.type != "cuda" else device_name(device)
+            raise ConfigError(f"--precision: {name} is not available on {where}; this device has {', '.join(supported)}")
     for name in memory_formats:
         if name not in MEMORY_FORMATS:
             raise ConfigError(f"--memory-format: {name!r} is not one of {', '.join(MEMORY_FORMATS)}")
