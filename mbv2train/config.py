@@ -6,6 +6,7 @@ yaml_schema.py); checks that involve several keys live in ``Config.validate``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -14,20 +15,44 @@ from mbv2train import yaml_schema
 from mbv2train.errors import ConfigError
 from mbv2train.yaml_schema import setting
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-           "TrainConfig", "describe_settings", "load_config"]
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "PRETRAINED_TAGS",
+           "ScheduleConfig", "TrainConfig", "describe_settings", "load_config", "pretrained_is_file"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: MobileNetV2's width and classifier head."""
 
-    width_mult: float = setting(1.0, "width multiplier on every layer's channels (paper: 0.35 to 1.4)", gt=0)
+    width_mult: Optional[float] = setting(
+        None, "width multiplier on every layer's channels (paper: 0.35 to 1.4); null: the width of "
+              "model.pretrained's weights, else 1.0", gt=0)
     dropout: float = setting(0.2, "dropout probability before the classifier", ge=0, lt=1)
     num_classes: Optional[int] = setting(
         None, "number of classes; null: the number of class folders in the training data (1000 for summary)",
         ge=1)
     round_nearest: int = setting(8, "channel counts are rounded to a multiple of this", ge=1)
+    pretrained: Optional[str] = setting(
+        None, "weights to start from: torchvision-v1 or torchvision-v2 (torchvision's ImageNet weights, from "
+              "its cache under $TORCH_HOME), or the path of a state dict (.pth) or an mbv2 checkpoint; "
+              "null: random init")
+    pretrained_ema: bool = setting(False, "model.pretrained is an mbv2 checkpoint: start from its EMA weights")
+    pretrained_sha256: Optional[str] = setting(
+        None, "SHA-256 the model.pretrained file must have; null: not checked (a run records the one it loaded)")
+
+    def __post_init__(self):
+        # Only a pretrained file can say its width, and only `mbv2 train` reads it (pretrained.py); with no
+        # file to read, an unset width is the paper's 1.0 from the start, so every other reader sees a number.
+        if self.width_mult is None and not pretrained_is_file(self.pretrained):
+            object.__setattr__(self, "width_mult", 1.0)
+
+
+# model.pretrained values that name torchvision's weights (torchvision.models.MobileNet_V2_Weights) rather
+# than a file
+PRETRAINED_TAGS = {"torchvision-v1": "IMAGENET1K_V1", "torchvision-v2": "IMAGENET1K_V2"}
+
+
+def pretrained_is_file(pretrained: Optional[str]) -> bool:
+    return pretrained is not None and pretrained not in PRETRAINED_TAGS
 
 
 @dataclass(frozen=True)
@@ -91,6 +116,9 @@ class OptimConfig:
         None, "epsilon, added outside the square root (PyTorch style); null: 0.0316 for rmsprop "
               "(~ TensorFlow's 1e-3 inside it), 1e-8 for adamw", gt=0)
     betas: tuple[float, ...] = setting((0.9, 0.999), "adamw beta1, beta2", ge=0, lt=1)
+    backbone_lr_scale: float = setting(
+        1.0, "learning rate of every layer but the classifier, as a fraction of the classifier's (fine-tuning)",
+        gt=0)
 
 
 @dataclass(frozen=True)
@@ -111,6 +139,9 @@ class TrainConfig:
     """The training loop: length, precision, regularization, checkpoints and logging."""
 
     epochs: int = setting(300, "number of epochs", ge=1)
+    freeze_backbone_epochs: int = setting(
+        0, "first epochs in which only the classifier trains (the other layers keep their weights and "
+           "BatchNorm statistics); 0: none", ge=0)
     seed: int = setting(0, "seed for initialization, shuffling, augmentation and dropout", ge=0)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: cuda when available, else cpu")
     amp: Literal["auto", "none", "bf16", "fp16"] = setting(
@@ -136,6 +167,8 @@ class TrainConfig:
         "raise", "a NaN/inf loss: the step is undone; raise stops the run at the next log or checkpoint, skip goes on")
     max_nonfinite_skips: int = setting(10, "skip: stop after this many non-finite steps in a row", ge=1)
     tb_images: int = setting(16, "augmented training images shown in TensorBoard at start; 0: none", ge=0)
+    tb_per_class: bool = setting(False, "per-class val top-1 and the most confused class pairs in TensorBoard "
+                                        "at each epoch's end")
 
 
 BEST_METRICS = ("val_top1", "val_top5", "ema_val_top1", "ema_val_top5")
@@ -179,6 +212,18 @@ class Config:
                              f"{s.warmup_epochs:g} is not shorter than train.epochs {t.epochs}"))
         if s.name == "cosine" and s.min_lr > o.lr:
             problems.append(("schedule.min_lr", f"{s.min_lr:g} is above optim.lr {o.lr:g}"))
+        m = self.model
+        if m.pretrained is not None and not m.pretrained.strip():
+            problems.append(("model.pretrained", "is empty; use null, torchvision-v1, torchvision-v2 or a file path"))
+        if m.pretrained_ema and not pretrained_is_file(m.pretrained):
+            problems.append(("model.pretrained_ema", f"needs model.pretrained to be an mbv2 checkpoint file, "
+                                                     f"got {m.pretrained!r}"))
+        if m.pretrained_sha256 is not None:
+            if m.pretrained is None:
+                problems.append(("model.pretrained_sha256", "is set but model.pretrained is not"))
+            elif not re.fullmatch(r"[0-9a-fA-F]{64}", m.pretrained_sha256):
+                problems.append(("model.pretrained_sha256",
+                                 f"must be 64 hexadecimal digits, got {m.pretrained_sha256!r}"))
         if o.nesterov and (o.name != "sgd" or o.momentum == 0):
             problems.append(("optim.nesterov", "needs optim.name sgd with momentum > 0"))
         if t.best_metric is not None and t.best_metric not in BEST_METRICS:

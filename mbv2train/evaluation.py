@@ -1,4 +1,8 @@
-"""`mbv2 eval`: top-1 / top-5 of a checkpoint (or a bare state dict) on a validation folder."""
+"""`mbv2 eval`: top-1 / top-5 of a checkpoint (or a bare state dict) on a validation folder, with
+per-class results and a confusion matrix (eval_report.py), a sweep over crop sizes, and flip TTA.
+
+``load_model`` is shared with `mbv2 predict`: both see the same weights, config and preprocessing.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from torch import nn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import data, engine, yaml_schema
-from mbv2train.config import Config, config_from_dict, load_config
-from mbv2train.errors import CheckpointError, DataError
+from mbv2train import data, engine, eval_report, yaml_schema
+from mbv2train.config import Config, DataConfig, config_from_dict, load_config
+from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.model import build_model
 from mbv2train.devices import resolve_amp, resolve_device
+
+TTA_MODES = ("flip",)
+MIN_CROP = 8  # data.val_crop's lower bound
 
 
 @dataclasses.dataclass
@@ -26,22 +34,37 @@ class EvalRequest:
     batch_size: Optional[int] = None
     width_mult: Optional[float] = None  # for a bare state dict
     num_classes: Optional[int] = None  # for a bare state dict; default: read from its classifier
+    device: Optional[str] = None  # auto, cpu, cuda; default: the config's train.device
+    per_class: bool = False  # also per-class top-1 and the most confused pairs
+    report: Optional[Path] = None  # write per_class.csv, confusion.csv, confusion.png here (implies per_class)
+    resolutions: Sequence[int] = ()  # also evaluate at these crop sizes (the sweep)
+    tta: Optional[str] = None  # "flip": average the logits of each image and its mirror image
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint made ready to run: its config (with what was asked for), the model in eval mode on
+    its device, the class names (None for a bare state dict) and the runtime that prepares batches."""
+
+    cfg: Config
+    model: nn.Module
+    classes: Optional[list[str]]
+    ema: bool
+    device: torch.device
+    rt: engine.Runtime
 
 
 def run_eval(req: EvalRequest) -> dict[str, Any]:
-    state = ckpt.load_checkpoint(req.ckpt)
-    if ckpt.is_training_checkpoint(state):
-        if req.width_mult is not None or req.num_classes is not None:
-            raise CheckpointError(f"{req.ckpt}: --width-mult and --num-classes are for bare state dicts; "
-                                  f"a training checkpoint carries its own model settings")
-        saved, weights, classes, used_ema = _from_training_checkpoint(state, req)
-        cfg = _with_requests(saved, req)
-    else:
-        cfg, weights, classes, used_ema = _from_state_dict(state, req), state, None, False
+    if req.tta is not None and req.tta not in TTA_MODES:
+        raise ConfigError(f"--tta {req.tta}: unknown; choose one of {', '.join(TTA_MODES)}")
+    if req.report is not None and req.report.exists() and not req.report.is_dir():
+        raise ConfigError(f"--report {req.report}: is a file; the report needs a folder")  # before the work
+    loaded = load_model(req)
+    cfg = loaded.cfg
     val_dir = _val_dir(cfg, req.data)
-
-    device = resolve_device(cfg.train.device)
-    loader, found = data.build_val_loader(cfg.data, val_dir, device_type=device.type)
+    per_class = req.per_class or req.report is not None
+    loader, found = data.build_val_loader(cfg.data, val_dir, device_type=loaded.device.type)
+    classes = loaded.classes
     if classes is not None and found != classes:
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise DataError(f"{val_dir}: its class folders differ from the checkpoint's classes "
@@ -50,6 +73,79 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         raise DataError(f"{val_dir}: {len(found)} class folders but the model predicts "
                         f"{cfg.model.num_classes} classes")
 
+    tta_flip = req.tta == "flip"
+    metrics = engine.evaluate(loaded.model, loader, loaded.rt, per_class=per_class, tta_flip=tta_flip)
+    result = {**metrics, "ema": loaded.ema, "val_dir": str(val_dir), "tta": req.tta}
+    if per_class:
+        confusion = result.pop("confusion")
+        result.update(eval_report.summarize(confusion, found))
+        if req.report is not None:
+            result["report"] = eval_report.write_report(req.report, confusion, found)
+    if req.resolutions:
+        result["sweep"] = [_sweep_row(loaded, val_dir, size, metrics, tta_flip) for size in req.resolutions]
+    return result
+
+
+def parse_resolutions(text: Optional[str]) -> list[int]:
+    """--resolutions "160,192,224" -> [160, 192, 224]; ConfigError (one line) for anything else."""
+    if text is None:
+        return []
+    sizes = []
+    for part in text.split(","):
+        try:
+            size = int(part.strip())
+        except ValueError:
+            raise ConfigError(f"--resolutions {text}: {part.strip()!r} is not a whole number of pixels; "
+                              f"give crop sizes such as 160,192,224") from None
+        if size < MIN_CROP:
+            raise ConfigError(f"--resolutions {text}: {size} is too small a crop; at least {MIN_CROP} pixels")
+        sizes.append(size)
+    return list(dict.fromkeys(sizes))
+
+
+def sweep_sizes(cfg: DataConfig, crop: int) -> tuple[int, int]:
+    """(resize, crop) for a crop size of the sweep: the config's val_resize / val_crop ratio kept (256 / 224
+    = 1 / 0.875 by default), rounded down as timm rounds crop / crop_pct."""
+    return crop * cfg.val_resize // cfg.val_crop, crop
+
+
+def _sweep_row(loaded: LoadedModel, val_dir: Path, size: int, at_config: dict[str, Any],
+               tta_flip: bool) -> dict[str, Any]:
+    resize, crop = sweep_sizes(loaded.cfg.data, size)
+    row = {"crop": crop, "resize": resize}
+    if (resize, crop) == (loaded.cfg.data.val_resize, loaded.cfg.data.val_crop):
+        metrics = at_config  # the main evaluation already ran at this size
+    else:
+        cfg = dataclasses.replace(loaded.cfg.data, val_resize=resize, val_crop=crop)
+        loader, _ = data.build_val_loader(cfg, val_dir, device_type=loaded.device.type)
+        metrics = engine.evaluate(loaded.model, loader, loaded.rt, tta_flip=tta_flip)
+    return {**row, **{k: metrics[k] for k in ("top1", "top5", "loss", "images")}}
+
+
+def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> LoadedModel:
+    """The checkpoint's model with the weights asked for (EMA or raw), on its device, in eval mode.
+
+    ``classes_needed``: the command that needs the class names a training checkpoint holds; it refuses
+    anything else."""
+    state = ckpt.load_checkpoint(req.ckpt)
+    if classes_needed and not ckpt.is_training_checkpoint(state):
+        raise CheckpointError(f"{req.ckpt}: not a training checkpoint of mbv2 train; {classes_needed} needs one "
+                              f"for the class names and the preprocessing it holds")
+    if ckpt.is_training_checkpoint(state):
+        if req.width_mult is not None or req.num_classes is not None:
+            raise CheckpointError(f"{req.ckpt}: --width-mult and --num-classes are for bare state dicts; "
+                                  f"a training checkpoint carries its own model settings")
+        saved, weights, classes, used_ema = _from_training_checkpoint(state, req)
+        cfg = _with_requests(saved, req)
+    else:
+        cfg, weights, classes, used_ema = _from_state_dict(state, req), state, None, False
+
+    try:
+        device = resolve_device(cfg.train.device)
+    except ConfigError as exc:
+        if req.device is None:
+            raise
+        raise ConfigError(f"--device {req.device}: {exc}") from None
     model = build_model(cfg.model)
     try:
         model.load_state_dict(weights)
@@ -58,13 +154,12 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         raise CheckpointError(f"{req.ckpt}: weights do not fit MobileNetV2(width_mult={cfg.model.width_mult:g}, "
                               f"num_classes={cfg.model.num_classes}): {first[1].strip() if len(first) > 1 else first[0]}"
                               ) from None
-    model = model.to(device)
+    model = model.to(device).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     rt = engine.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
                                cfg.data.mean, cfg.data.std)
-    metrics = engine.evaluate(model, loader, rt)
-    return {**metrics, "ema": used_ema, "val_dir": str(val_dir)}
+    return LoadedModel(cfg, model, classes, used_ema, device, rt)
 
 
 def _from_training_checkpoint(state, req: EvalRequest):
@@ -81,7 +176,7 @@ def _from_training_checkpoint(state, req: EvalRequest):
 
 
 def _options(req: EvalRequest) -> dict[str, tuple[str, Any]]:
-    return {"data.val_batch_size": ("--batch-size", req.batch_size)}
+    return {"data.val_batch_size": ("--batch-size", req.batch_size), "train.device": ("--device", req.device)}
 
 
 def _with_requests(saved: Config, req: EvalRequest) -> Config:
@@ -92,7 +187,7 @@ def _with_requests(saved: Config, req: EvalRequest) -> Config:
     """
     if req.config is not None:
         asked = load_config(req.config, req.overrides, _options(req))
-    elif req.overrides or req.batch_size is not None:
+    elif req.overrides or req.batch_size is not None or req.device is not None:
         asked = config_from_dict(saved.to_dict(), f"{req.ckpt} (saved config)", req.overrides, _options(req))
     else:
         return saved

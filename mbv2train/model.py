@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mbv2train.errors import ConfigError
+
 # The paper's Table 2, one row per stage: expansion factor t, output channels c, repeats n, first stride s.
 INVERTED_RESIDUAL_SETTING = (
     (1, 16, 1, 1),
@@ -21,6 +23,9 @@ INVERTED_RESIDUAL_SETTING = (
 )
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
+# The module that maps features to classes: what a fine-tune onto other classes replaces. Every other
+# parameter (the "backbone", i.e. ``features``) is shared by models of any number of classes.
+HEAD = "classifier"
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -106,6 +111,7 @@ class MobileNetV2(nn.Module):
         features.append(ConvBNReLU6(in_channels, self.last_channel, kernel_size=1))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
+        self.backbone_frozen = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,6 +128,22 @@ class MobileNetV2(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Train only the classifier (or everything again): the backbone's parameters stop (or start)
+        asking for gradients, and its BatchNorm layers keep their running statistics while frozen, so
+        that a frozen backbone computes exactly what it did before, in training steps too."""
+        self.backbone_frozen = frozen
+        self.features.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "MobileNetV2":
+        # model.train() (the engine calls it every epoch; DDP and torch.compile pass it down) must not
+        # switch a frozen backbone's BatchNorm back to batch statistics
+        super().train(mode)
+        if mode and self.backbone_frozen:
+            self.features.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
@@ -130,6 +152,9 @@ class MobileNetV2(nn.Module):
 
 def build_model(model_config) -> MobileNetV2:
     """MobileNetV2 from a ``config.ModelConfig``."""
+    if model_config.width_mult is None:
+        raise ConfigError(f"model.width_mult is unset: only mbv2 train reads it from model.pretrained "
+                          f"({model_config.pretrained}); set model.width_mult")
     return MobileNetV2(
         num_classes=model_config.num_classes,
         width_mult=model_config.width_mult,

@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from mbv2train.config import OptimConfig, ScheduleConfig
+from mbv2train.model import HEAD
 
 __all__ = ["build_optimizer", "build_scheduler", "lr_at", "materialize_state", "parameter_groups", "scaled_lr"]
 
@@ -56,26 +57,35 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
     Norm scales and shifts (and, optionally, biases) are usually left undecayed: shrinking them towards 0
     does not regularize a network whose next layer is normalized anyway, it only fights the optimizer.
+
+    With ``cfg.backbone_lr_scale`` other than 1, each group is split in two: the classifier's part first
+    (the first group's lr is the one logged) and the backbone's, "backbone_decay" and so on, whose
+    "lr_scale" makes its learning rate that fraction of the classifier's at every step (build_scheduler).
     """
     norm_wd = cfg.weight_decay if cfg.norm_weight_decay is None else cfg.norm_weight_decay
     bias_wd = cfg.weight_decay if cfg.bias_weight_decay is None else cfg.bias_weight_decay
-    groups = {
-        "decay": {"params": [], "weight_decay": cfg.weight_decay, "name": "decay"},
-        "norm": {"params": [], "weight_decay": norm_wd, "name": "norm"},
-        "bias": {"params": [], "weight_decay": bias_wd, "name": "bias"},
-    }
+    parts = [("", 1.0)] + ([("backbone_", cfg.backbone_lr_scale)] if cfg.backbone_lr_scale != 1.0 else [])
+    groups = {}
+    for prefix, lr_scale in parts:
+        for kind, weight_decay in (("decay", cfg.weight_decay), ("norm", norm_wd), ("bias", bias_wd)):
+            group = {"params": [], "weight_decay": weight_decay, "name": prefix + kind}
+            if prefix:  # absent from the classifier's groups: an unsplit optimizer keeps its old state layout
+                group["lr_scale"] = lr_scale
+            groups[prefix + kind] = group
     seen = set()  # a parameter shared by two modules must be optimized once
-    for module in model.modules():
+    for module_name, module in model.named_modules():
+        in_head = module_name == HEAD or module_name.startswith(HEAD + ".")
+        prefix = "backbone_" if len(parts) > 1 and not in_head else ""
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             if isinstance(module, NORM_LAYERS):
-                groups["norm"]["params"].append(param)
+                groups[prefix + "norm"]["params"].append(param)
             elif name == "bias" and isinstance(module, BIASED_LAYERS):
-                groups["bias"]["params"].append(param)
+                groups[prefix + "bias"]["params"].append(param)
             else:
-                groups["decay"]["params"].append(param)
+                groups[prefix + "decay"]["params"].append(param)
     # torch optimizers reject an empty group, e.g. "bias" for a model without biases
     return [group for group in groups.values() if group["params"]]
 
@@ -84,6 +94,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) 
     """The optimizer ``cfg.name`` over ``parameter_groups(model, cfg)`` at ``scaled_lr(cfg, global_batch_size)``."""
     params = parameter_groups(model, cfg)
     lr = scaled_lr(cfg, global_batch_size)
+    for group in params:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     on_cuda = next(model.parameters()).device.type == "cuda"
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -207,6 +219,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
         return factor
 
     # "initial_lr" is there when the optimizer state was loaded from a checkpoint: it is the unscheduled lr,
-    # whereas "lr" is wherever the schedule had got to.
-    factors = [make_factor(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+    # whereas "lr" is wherever the schedule had got to. A group with an "lr_scale" (the backbone's,
+    # optim.backbone_lr_scale) follows the unscaled curve times its scale, min_lr and all, so that its lr
+    # stays that fraction of the classifier's at every step.
+    factors = [make_factor(group.get("initial_lr", group["lr"]) / group.get("lr_scale", 1.0))
+               for group in optimizer.param_groups]
     return PerStepLR(optimizer, factors)

@@ -14,15 +14,18 @@ BAR_REFRESH_STEPS = 10  # numbers on a bar need a device sync; refresh them ever
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, log_every: int, enabled: bool = True, start: int = 0):
+    def __init__(self, total: int, desc: str, log_every: int, enabled: bool = True, start: int = 0,
+                 stream=None):
         self.total, self.desc, self.log_every, self.enabled = total, desc, log_every, enabled
+        # stdout by default; a command whose stdout carries its results (mbv2 predict) passes stderr
+        self.stream = stream if stream is not None else sys.stdout
         self.count = start
         self.started = time.perf_counter()
         self.bar = None
-        if enabled and sys.stdout.isatty():
+        if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc=desc, file=sys.stdout, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=total, initial=start, desc=desc, file=self.stream, dynamic_ncols=True, leave=True)
 
     def due(self) -> bool:
         """Whether the next update shows numbers: the caller computes them (a device sync) only then."""
@@ -42,7 +45,7 @@ class Progress:
         elif show:
             elapsed = time.perf_counter() - self.started
             text = " ".join(f"{k} {v}" for k, v in (fields() if fields is not None else {}).items())
-            print(f"{self.desc} {self.count}/{self.total} {text} ({elapsed:.0f}s)", flush=True)
+            print(f"{self.desc} {self.count}/{self.total} {text} ({elapsed:.0f}s)", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -14,7 +14,7 @@ from mbv2train.errors import CheckpointError, ConfigError
 HARMLESS_KEYS = {
     "data.root", "data.train_dir", "data.val_dir", "data.num_workers", "data.pin_memory",
     "data.persistent_workers", "data.prefetch_factor", "data.val_batch_size",
-    "train.output_dir", "train.log_every_steps", "train.tb_images", "train.save_every_epochs",
+    "train.output_dir", "train.log_every_steps", "train.tb_images", "train.tb_per_class", "train.save_every_epochs",
     "train.keep_checkpoints", "train.compile", "train.device", "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes", "data.bad_images", "data.max_bad_fraction",
 }
@@ -59,6 +59,20 @@ def restore(state: dict[str, Any], *, model, ema, optimizer, scheduler, scaler) 
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+
+
+def prepare_resume(resume: Optional[str], run_dir: Path, say: bool) -> Optional[dict[str, Any]]:
+    """The checkpoint a run continues from (None: a fresh run), after rank 0 (``say``) has finished or
+    undone the checkpoint writes a crash interrupted; every process calls it."""
+    from mbv2train.distributed import barrier
+    from mbv2train.progress import log
+
+    warn = lambda message: log(message, say)  # noqa: E731
+    if say:
+        for line in ckpt.recover_interrupted_writes(run_dir):
+            warn(f"warning: {line}")
+    barrier()  # every process then reads the checkpoints rank 0 has put in order
+    return find_resume_state(resume, run_dir, warn)
 
 
 def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str], None]
@@ -128,7 +142,7 @@ def check_resumable(state: dict[str, Any], config: dict, classes: list[str], wor
         section, _, name = key.partition(".")
         if name not in config.get(section, {}):
             raise ConfigError(f"--allow-change {key}: not a config key")
-    refused, harmless = config_changes(state["config"], config)
+    refused, harmless = config_changes(_with_defaults(state["config"]), config)
     if state.get("world_size", 1) != world_size:  # the global batch, hence steps and LR, would change
         refused.append(f"processes: {state.get('world_size', 1)} -> {world_size}")
     allowed = [line for line in refused if line.split(":")[0] in allow_changes]
@@ -137,6 +151,15 @@ def check_resumable(state: dict[str, Any], config: dict, classes: list[str], wor
         raise CheckpointError("resuming would change the experiment: " + "; ".join(refused)
                               + " (pass --allow-change KEY to accept a change on purpose)")
     return allowed, harmless
+
+
+def _with_defaults(saved: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A saved config with the keys added since it was written at their defaults, which is what that run
+    did: a key that did not exist yet cannot have been set to anything else."""
+    from mbv2train.config import Config
+
+    defaults = Config().to_dict()
+    return {section: {**defaults.get(section, {}), **saved.get(section, {})} for section in {*defaults, *saved}}
 
 
 def config_changes(saved: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]

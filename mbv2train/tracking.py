@@ -45,6 +45,21 @@ class Tracker:
 
         self.writer.add_image(tag, make_grid(batch_uint8.cpu(), nrow=int(math.sqrt(len(batch_uint8))) or 1))
 
+    def per_class(self, prefix: str, confusion: torch.Tensor | None, classes: list[str], step: int) -> None:
+        """One evaluation's per-class summary (eval_report.summarize): a Markdown table in the text tab
+        (``per_class/val``, ``per_class/ema_val``) and a histogram of the per-class top-1. Nothing when
+        ``confusion`` is None (train.tb_per_class is off)."""
+        if confusion is None:
+            return
+        from mbv2train import eval_report
+
+        summary = eval_report.summarize(confusion, classes)
+        name = prefix.rstrip("_")
+        self.writer.add_text(f"per_class/{name}", eval_report.markdown(summary), step)
+        top1 = [row["top1"] for row in summary["per_class"] if row["top1"] is not None]
+        if top1:
+            self.writer.add_histogram(f"per_class/{name}_top1", torch.tensor(top1), step)
+
     def hparams(self, config: dict[str, dict[str, Any]]) -> None:
         """The flattened config in TensorBoard's HParams tab, tied to the epoch/val_top1 curve."""
         from torch.utils.tensorboard.summary import hparams
@@ -68,6 +83,7 @@ class NullTracker:
     def scalars(self, *args, **kwargs) -> None: ...
     def epoch(self, *args, **kwargs) -> None: ...
     def images(self, *args, **kwargs) -> None: ...
+    def per_class(self, *args, **kwargs) -> None: ...
     def hparams(self, *args, **kwargs) -> None: ...
     def close(self) -> None: ...
 
@@ -92,3 +108,22 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, path)
+
+
+def epoch_line(row: dict[str, Any], best_metric: str, best_value: float) -> str:
+    """The console line that ends an epoch."""
+    parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.4f}", f"val_loss {row['val_loss']:.4f}",
+             f"val_top1 {row['val_top1']:.4f}", f"val_top5 {row['val_top5']:.4f}"]
+    if "ema_val_top1" in row:
+        parts.append(f"ema_val_top1 {row['ema_val_top1']:.4f}")
+    if row.get("bad_images"):
+        parts.append(f"skipped images {row['bad_images']}")
+    if row.get("nonfinite_skips"):
+        parts.append(f"non-finite steps skipped {row['nonfinite_skips']}")
+    parts += [f"lr {row['lr']:.4g}", f"{row['img_per_s']:.0f} img/s", f"best {best_metric} {best_value:.4f}"]
+    return " | ".join(parts)
+
+
+def without_timing(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row minus the fields that measure time: what two identical runs must agree on."""
+    return {k: v for k, v in row.items() if k not in TIMING_FIELDS}

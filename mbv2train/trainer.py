@@ -14,17 +14,19 @@ import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import data, engine, optim, rng, run_state
+from mbv2train import data, engine, finetune, optim, pretrained, rng, run_state
 from mbv2train.config import Config
 from mbv2train.devices import resolve_amp, resolve_device
-from mbv2train.distributed import (DistInfo, StepVote, any_rank, barrier, broadcast_from_rank0, init_distributed,
+from mbv2train.distributed import (DistInfo, StepVote, any_rank, broadcast_from_rank0, init_distributed,
                                     min_over_ranks, shutdown_distributed)
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.faults import NO_FAULTS, Faults
 from mbv2train.model import build_model
 from mbv2train.preemption import Preempted, StopFlag
 from mbv2train.progress import Progress, log
-from mbv2train.tracking import TIMING_FIELDS, NullTracker, Tracker, append_event, truncate_metrics
+# without_timing is imported from here by callers that compare runs
+from mbv2train.tracking import (NullTracker, Tracker, append_event, epoch_line, truncate_metrics,  # noqa: F401
+                                without_timing)
 
 
 def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] = (),
@@ -40,7 +42,8 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
     dist = init_distributed(device.type)
     stop = StopFlag(announce=dist.is_main).install()
     try:
-        return Run(cfg, device, amp_dtype, dist, stop, faults).train(resume, allow_changes)
+        state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main)
+        return Run(cfg, device, amp_dtype, dist, stop, faults, state).train(state, allow_changes)
     finally:
         stop.restore()
         shutdown_distributed()
@@ -48,20 +51,30 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
 
 class Run:
     """One training run: everything `mbv2 train` builds from a config (loaders, model, optimizer, EMA,
-    runtime), then ``train`` runs its epochs. Building touches no run directory; ``train`` opens it."""
+    runtime), then ``train`` runs its epochs. Building touches no run directory; ``train`` opens it.
+
+    ``state`` is the checkpoint the run resumes from (None: a fresh run, which starts from model.pretrained's
+    weights when set, unless ``pretrained_weights`` is False, as for benchmarks)."""
 
     def __init__(self, cfg: Config, device: torch.device, amp_dtype, dist: DistInfo, stop: StopFlag,
-                 faults: Faults):
+                 faults: Faults, state: Optional[dict[str, Any]] = None, pretrained_weights: bool = True):
         self.device, self.amp_dtype, self.dist, self.stop, self.faults = device, amp_dtype, dist, stop, faults
         self.say = dist.is_main
         self.run_dir = Path(cfg.train.output_dir)
         self.loaders = data.build_loaders(cfg.data, cfg.train.seed, dist.rank, dist.world_size, device.type)
+        source = None
+        if state is None and cfg.model.pretrained is not None and pretrained_weights:
+            source = pretrained.read(cfg.model, show_progress=self.say)
+        cfg = pretrained.resolve_config(cfg, source, state["config"] if state is not None else None)
         self.cfg = cfg = _with_num_classes(cfg, len(self.loaders.classes))
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
         torch.manual_seed(rng.derive_seed(cfg.train.seed, rng.INIT))
-        self.model = build_model(cfg.model).to(device)
+        self.model = build_model(cfg.model)
+        if source is not None:  # before the EMA copies the model
+            log(pretrained.load_into(self.model, source).line(source), self.say)
+        self.model = self.model.to(device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = None
@@ -104,14 +117,10 @@ class Run:
 
     # ---------------------------------------------------------------------------------------- main loop
 
-    def train(self, resume: Optional[str], allow_changes: Sequence[str]) -> dict[str, Any]:
+    def train(self, state: Optional[dict[str, Any]], allow_changes: Sequence[str]) -> dict[str, Any]:
+        """Run the epochs, continuing ``state`` (run_state.prepare_resume) when it is not None."""
         cfg, say = self.cfg, self.say
         warn = lambda message: log(message, say)  # noqa: E731
-        if say:
-            for line in ckpt.recover_interrupted_writes(self.run_dir):
-                warn(f"warning: {line}")
-        barrier()  # every process then reads the checkpoints rank 0 has put in order
-        state = run_state.find_resume_state(resume, self.run_dir, warn)
         done = engine.EpochProgress.from_state(None, self.device)
         allowed: list[str] = []
         if state is not None:
@@ -132,13 +141,8 @@ class Run:
                     warn(f"warning: {line}")
         self._open_run_dir(fresh=state is None, allowed=allowed)
 
-        train_model = torch.compile(self.model) if cfg.train.compile else self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # gradients as views of DDP's all-reduce buckets: no copy between the two each step
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids, gradient_as_bucket_view=True)
+        train_model = finetune.TrainingModel(self.model, cfg.train.compile, self.dist, self.device,
+                                             cfg.train.freeze_backbone_epochs, warn)
         mix = data.build_mix_transform(cfg.data, cfg.model.num_classes)
         precision = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         where = (f"resuming at epoch {self.epoch + 1}, step {done.steps}/{self.steps_per_epoch}" if state is not None
@@ -150,7 +154,7 @@ class Run:
         row: dict[str, Any] = {}
         start_epoch = self.epoch
         for epoch in range(self.epoch + 1, cfg.train.epochs + 1):
-            row = self._one_epoch(train_model, epoch, done, mix)
+            row = self._one_epoch(train_model.for_epoch(epoch), epoch, done, mix)
             done = engine.EpochProgress.from_state(None, self.device)
         self.tracker.close()
         if start_epoch >= cfg.train.epochs:
@@ -192,10 +196,11 @@ class Run:
             self.faults.start_validation()
             metrics = engine.evaluate(model, loaders.val, self.rt, progress, self.bad_val, self._stop_requested,
                                       stop_check_batches=self.val_stop_checks,
-                                      after_batch=self.faults.after_val_batch)
+                                      after_batch=self.faults.after_val_batch, per_class=cfg.train.tb_per_class)
             progress.close()
             if metrics is None:  # stopped mid-evaluation: save the finished training part, redo the pass
                 self._save_and_stop(epoch, done)
+            self.tracker.per_class(prefix, metrics.pop("confusion", None), loaders.classes, self.global_step)
             row.update({prefix + k: v for k, v in metrics.items()})
         row["val_time_s"] = time.perf_counter() - val_started
 
@@ -214,7 +219,7 @@ class Run:
                 self.faults.crash_at("before_epoch_copy")
                 ckpt.copy_checkpoint(self.run_dir / ckpt.LAST, self.run_dir / f"epoch_{epoch}.pt")
                 ckpt.prune_epoch_copies(self.run_dir, cfg.train.keep_checkpoints)
-            log(_epoch_line(row, self.best_metric, self.best_value), self.say)
+            log(epoch_line(row, self.best_metric, self.best_value), self.say)
         if self._stop_requested() and epoch < cfg.train.epochs:
             raise Preempted(self._signum(), str(self.run_dir / ckpt.LAST), self.global_step)
         return row
@@ -310,21 +315,3 @@ def _augmented_samples(loader, count: int) -> torch.Tensor:
     # the loader's own collate: with data.decode: device it also decodes the JPEGs
     images, _, _ = loader.collate_fn([dataset[(1, i)] for i in range(min(count, len(dataset)))])
     return images.cpu()
-
-
-def _epoch_line(row: dict[str, Any], best_metric: str, best_value: float) -> str:
-    parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.4f}", f"val_loss {row['val_loss']:.4f}",
-             f"val_top1 {row['val_top1']:.4f}", f"val_top5 {row['val_top5']:.4f}"]
-    if "ema_val_top1" in row:
-        parts.append(f"ema_val_top1 {row['ema_val_top1']:.4f}")
-    if row.get("bad_images"):
-        parts.append(f"skipped images {row['bad_images']}")
-    if row.get("nonfinite_skips"):
-        parts.append(f"non-finite steps skipped {row['nonfinite_skips']}")
-    parts += [f"lr {row['lr']:.4g}", f"{row['img_per_s']:.0f} img/s", f"best {best_metric} {best_value:.4f}"]
-    return " | ".join(parts)
-
-
-def without_timing(row: dict[str, Any]) -> dict[str, Any]:
-    """A metrics row minus the fields that measure time: what two identical runs must agree on."""
-    return {k: v for k, v in row.items() if k not in TIMING_FIELDS}

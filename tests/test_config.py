@@ -111,7 +111,7 @@ BAD_OVERRIDES = {
     "unknown_section": ("modle.width_mult=1.0", ["unknown section 'modle'", "did you mean 'model'"]),
     "unknown_key": ("model.dropuot=0.1", ["unknown key 'model.dropuot'", "did you mean 'model.dropout'"]),
     "wrong_type": ("model.width_mult=abc", ["--set model.width_mult=abc", "expected a number"]),
-    "empty_value": ("model.width_mult=", ["model.width_mult", "expected a number"]),
+    "empty_value": ("model.dropout=", ["model.dropout", "expected a number"]),
     "out_of_range": ("model.dropout=1.5", ["--set model.dropout=1.5", "must be < 1"]),
     "bad_yaml_value": ("model.width_mult=[1", ["--set model.width_mult=[1", "not valid YAML"]),
 }
@@ -157,7 +157,8 @@ def test_config_show_prints_the_resolved_config(cli, write_yaml):
     result = cli("config", "show", "--config", path, "--set", "model.num_classes=10")
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.stdout)
-    assert shown["model"] == {"width_mult": 0.5, "dropout": 0.2, "num_classes": 10, "round_nearest": 8}
+    assert shown["model"] == {"width_mult": 0.5, "dropout": 0.2, "num_classes": 10, "round_nearest": 8,
+                              "pretrained": None, "pretrained_ema": False, "pretrained_sha256": None}
     assert shown["train"]["epochs"] == Config().train.epochs
 
 

@@ -71,6 +71,57 @@ def test_frozen_parameters_are_left_out_and_empty_groups_dropped():
     assert [group["name"] for group in groups] == ["decay", "bias"]
 
 
+def test_backbone_lr_scale_splits_the_groups_and_keeps_their_weight_decays():
+    model = MobileNetV2(num_classes=5)
+    cfg = OptimConfig(weight_decay=4e-5, norm_weight_decay=0.0, backbone_lr_scale=0.1)
+    groups = parameter_groups(model, cfg)
+    # the classifier's groups first: the lr the run logs is the first group's
+    assert [(g["name"], len(g["params"]), g.get("lr_scale", 1.0)) for g in groups] == [
+        ("decay", 1, 1.0), ("bias", 1, 1.0), ("backbone_decay", 52, 0.1), ("backbone_norm", 104, 0.1)]
+    named = by_name(groups)
+    assert {id(p) for g in ("decay", "bias") for p in named[g]["params"]} == \
+           {id(p) for p in model.classifier.parameters()}
+    assert {id(p) for g in ("backbone_decay", "backbone_norm") for p in named[g]["params"]} == \
+           {id(p) for p in model.features.parameters()}
+    assert named["backbone_norm"]["weight_decay"] == 0.0 and named["backbone_decay"]["weight_decay"] == 4e-5
+
+
+@pytest.mark.parametrize("schedule", [
+    ScheduleConfig(name="cosine", warmup_epochs=1, min_lr=0.001),
+    ScheduleConfig(name="step", warmup_epochs=0.5, gamma=0.5, step_epochs=1),
+])
+def test_the_backbone_lr_is_its_fraction_of_the_classifier_lr_at_every_step(schedule):
+    model = MobileNetV2(num_classes=5, width_mult=0.25)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.01, backbone_lr_scale=0.1), global_batch_size=32)
+    scheduler = build_scheduler(optimizer, schedule, epochs=4, steps_per_epoch=5)
+    for step in range(20):
+        head_lr = lr_at(step, 5, 4, 0.01, schedule)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([head_lr] * 2 + [head_lr * 0.1] * 2)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_a_resumed_scheduler_keeps_the_backbone_on_its_scaled_curve():
+    def build():
+        model = MobileNetV2(num_classes=5, width_mult=0.25)
+        optimizer = build_optimizer(model, OptimConfig(lr=0.01, backbone_lr_scale=0.1), global_batch_size=32)
+        return optimizer, build_scheduler(optimizer, ScheduleConfig(name="cosine"), epochs=2, steps_per_epoch=5)
+
+    optimizer, scheduler = build()
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    saved = save_and_load({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+    resumed_optimizer, resumed_scheduler = build()
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    resumed_scheduler.load_state_dict(saved["scheduler"])
+    for _ in range(4):
+        for opt, sched in ((optimizer, scheduler), (resumed_optimizer, resumed_scheduler)):
+            opt.step()
+            sched.step()
+        assert [g["lr"] for g in resumed_optimizer.param_groups] == [g["lr"] for g in optimizer.param_groups]
+
+
 def test_a_parameter_shared_by_two_layers_is_grouped_once():
     first, second = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
     second.weight = first.weight

@@ -77,7 +77,9 @@ def build_run(cfg: Config):
     from mbv2train.trainer import Run
 
     device = resolve_device(cfg.train.device)
-    return Run(cfg, device, resolve_amp(cfg.train.amp, device), DistInfo(), StopFlag(announce=False), NO_FAULTS)
+    # speed does not depend on the weights: no model.pretrained file to fetch or read
+    return Run(cfg, device, resolve_amp(cfg.train.amp, device), DistInfo(), StopFlag(announce=False), NO_FAULTS,
+               pretrained_weights=False)
 
 
 def verdict(wait_fraction: float, cfg: Config, workers: int, cpus: int, device: torch.device) -> tuple[str, list[str]]:

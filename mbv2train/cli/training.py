@@ -74,17 +74,45 @@ def evaluate(
         help="Width multiplier of a bare state dict (default 1.0).")] = None,
     num_classes: Annotated[Optional[int], typer.Option(
         min=1, help="Classes of a bare state dict (default: read from its classifier).")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="auto, cpu or cuda; default: the config's train.device.")] = None,
+    per_class: Annotated[bool, typer.Option(
+        "--per-class", help="Also top-1 and image count per class, and the most confused class pairs.")] = False,
+    report: Annotated[Optional[Path], typer.Option(
+        help="Write per_class.csv, confusion.csv and confusion.png (with matplotlib) into this folder; "
+             "implies --per-class.")] = None,
+    resolutions: Annotated[Optional[str], typer.Option(
+        help="Also evaluate at these crop sizes, e.g. 160,192,224,256, each resized by the config's "
+             "val_resize / val_crop ratio; one row per size.")] = None,
+    tta: Annotated[Optional[str], typer.Option(
+        help="Test-time augmentation: 'flip' averages the logits of each image and its mirror image.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Report loss, top-1 and top-5 of a checkpoint on a validation folder."""
-    from mbv2train.evaluation import EvalRequest, run_eval
+    from mbv2train.evaluation import EvalRequest, parse_resolutions, run_eval
 
     result = run_eval(EvalRequest(ckpt=ckpt, data=data, config=config, overrides=overrides or [], ema=ema,
-                                  batch_size=batch_size, width_mult=width_mult, num_classes=num_classes))
+                                  batch_size=batch_size, width_mult=width_mult, num_classes=num_classes,
+                                  device=device, per_class=per_class, report=report, tta=tta,
+                                  resolutions=parse_resolutions(resolutions)))
+    for note in result.get("report", {}).get("notes", []):
+        typer.echo(f"note: {note}", err=True)
     if as_json:
-        typer.echo(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
-                               "images": result["images"], "ema": result["ema"], "ckpt": str(ckpt)}))
-    else:
-        weights = "EMA weights" if result["ema"] else "weights"
-        typer.echo(f"{ckpt} ({weights}) on {result['val_dir']}: top-1 {result['top1']:.4f}  "
-                   f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  images {result['images']}")
+        keys = ("top1", "top5", "loss", "images", "ema", "tta", "per_class", "confused", "sweep", "report")
+        typer.echo(json.dumps({**{k: result[k] for k in keys if k in result}, "ckpt": str(ckpt)}))
+        return
+    from mbv2train.eval_report import per_class_lines, sweep_lines
+
+    weights = "EMA weights" if result["ema"] else "weights"
+    tta_note = f", TTA {result['tta']}" if result["tta"] else ""
+    typer.echo(f"{ckpt} ({weights}{tta_note}) on {result['val_dir']}: top-1 {result['top1']:.4f}  "
+               f"top-5 {result['top5']:.4f}  loss {result['loss']:.4f}  images {result['images']}")
+    lines = []
+    if "per_class" in result:
+        lines += per_class_lines(result)
+    if "sweep" in result:
+        lines += sweep_lines(result["sweep"])
+    if "report" in result:
+        lines.append(f"report written to {result['report']['dir']}: {', '.join(result['report']['files'])}")
+    for line in lines:
+        typer.echo(line)

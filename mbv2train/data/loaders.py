@@ -254,8 +254,9 @@ def collate_channels_last(items: Sequence[tuple[torch.Tensor, int, str]]):
     return images.permute(0, 3, 1, 2), labels, bad
 
 
-def _data_loader(dataset: SeededDataset, cfg: DataConfig, train: bool, device_type: str, **options):
-    """DataLoader over ``dataset``. With data.decode: device, JPEGs leave the workers encoded with their
+def data_loader(dataset: SeededDataset, cfg: DataConfig, train: bool, device_type: str, **options):
+    """DataLoader over ``dataset`` (a SeededDataset, or anything with its items, ``loader`` and ``transform``,
+    such as predict.py's file list). With data.decode: device, JPEGs leave the workers encoded with their
     random draws, and the loader decodes each batch in the training process (data/gpu_decode.py)."""
     if cfg.decode != "device":
         return DataLoader(dataset, collate_fn=collate_channels_last, **options, **_loader_options(cfg, device_type))
@@ -277,8 +278,8 @@ def build_val_loader(cfg: DataConfig, val_dir: Path, rank: int = 0, world_size: 
                             bad_images=cfg.bad_images, max_bad_fraction=cfg.max_bad_fraction, split="val")
     sampler = EpochSampler(len(dataset), seed=0, shuffle=False, rank=rank, world_size=world_size,
                            drop_last=False)
-    loader = _data_loader(dataset, cfg, False, device_type, sampler=sampler, drop_last=False,
-                          batch_size=batch_size or cfg.val_batch_size or cfg.batch_size)
+    loader = data_loader(dataset, cfg, False, device_type, sampler=sampler, drop_last=False,
+                         batch_size=batch_size or cfg.val_batch_size or cfg.batch_size)
     return loader, folder.classes
 
 
@@ -306,6 +307,6 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
     dataset = SeededDataset(folder, TrainTransform(cfg), seed, loader=load_image_fast,
                             bad_images=cfg.bad_images, max_bad_fraction=cfg.max_bad_fraction, split="train")
     sampler = EpochSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=world_size)
-    train_loader = _data_loader(dataset, cfg, True, device_type, batch_size=cfg.batch_size, sampler=sampler,
-                                drop_last=True)
+    train_loader = data_loader(dataset, cfg, True, device_type, batch_size=cfg.batch_size, sampler=sampler,
+                               drop_last=True)
     return Loaders(train_loader, val_loader, sampler, folder.classes, train_dir, val_dir)
