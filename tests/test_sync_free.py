@@ -11,7 +11,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from conftest import TINY_RUN
-from mbv2train import engine, optim
+from mbv2train import engine, optim, step_guard
 from mbv2train.config import OptimConfig, ScheduleConfig
 from mbv2train.errors import NonFiniteLoss
 from mbv2train.faults import Faults
@@ -24,6 +24,13 @@ from mbv2train.trainer import fit, without_timing
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 STEPS = 7  # optimizer steps in the tiny epochs below
 STEADY = range(3, 6)  # the steps counted: not the first (warm-up) nor the last (the epoch's end reads the sums)
+
+
+@pytest.fixture(autouse=True)
+def device_path_on_the_cpu(monkeypatch):
+    """Run the device path here: on the CPU the guard would otherwise read its flags on the host, where
+    that costs nothing (step_guard.HOST_READ_DEVICES), and these tests are about the path a GPU takes."""
+    monkeypatch.setattr(step_guard, "HOST_READ_DEVICES", ())
 
 
 class SyncCounter:
@@ -201,6 +208,20 @@ def test_a_skipped_step_leaves_weights_buffers_optimizer_and_ema_bit_identical(o
     faults = Faults(nan_loss_at_step=3, nan_loss_micro_batch=accum)  # with accum 2: the 2nd micro-batch only
     before, after, metrics = snapshots_around(3, optimizer, accum=accum, skip=True, faults=faults)
     assert_identical(before, after)
+    assert metrics["nonfinite_skips"] == 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_cpu_host_path_ends_bit_identical_to_the_device_path(monkeypatch, optimizer):
+    faults = Faults(nan_loss_at_step=3)
+    _, device_path, _ = snapshots_around(5, optimizer, skip=True, faults=faults)
+    monkeypatch.setattr(step_guard, "HOST_READ_DEVICES", ("cpu",))
+    counter = SyncCounter(monkeypatch)
+    counter.active = True
+    _, host_path, metrics = snapshots_around(5, optimizer, skip=True, faults=faults)
+    counter.active = False
+    assert any(call.startswith("__bool__") and "step_guard.py" in call for call in counter.calls)  # it ran
+    assert_identical(device_path, host_path)
     assert metrics["nonfinite_skips"] == 1
 
 
