@@ -240,3 +240,9 @@ def prune_epoch_copies(run_dir: Path, keep: int) -> list[Path]:
 def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Keys of a wrapped model ('module.', '_orig_mod.') without the wrapper's prefix."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def ema_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The EMA model's state dict in a training checkpoint (which must hold one): AveragedModel keeps the
+    model under "module." beside its own n_averaged counter."""
+    return strip_prefix({k: v for k, v in state["ema"].items() if k != "n_averaged"}, "module.")

@@ -168,8 +168,7 @@ def _from_training_checkpoint(state, req: EvalRequest):
     if use_ema:
         if state.get("ema") is None:
             raise CheckpointError(f"{req.ckpt}: --ema asked for, but the run kept no EMA weights")
-        # AveragedModel keeps the model under "module." beside its own n_averaged counter
-        weights = ckpt.strip_prefix({k: v for k, v in state["ema"].items() if k != "n_averaged"}, "module.")
+        weights = ckpt.ema_weights(state)
     else:
         weights = state["model"]
     return cfg, weights, list(state["class_names"]), use_ema

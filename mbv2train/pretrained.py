@@ -139,8 +139,7 @@ def _weights_of(content: Any, path: Path, model_cfg: ModelConfig
             if content.get("ema") is None:
                 raise CheckpointError(f"model.pretrained_ema: {path} holds no EMA weights (its run had train.ema "
                                       f"off); set model.pretrained_ema: false")
-            # AveragedModel keeps the model under "module." beside its own n_averaged counter
-            weights = ckpt.strip_prefix({k: v for k, v in content["ema"].items() if k != "n_averaged"}, "module.")
+            weights = ckpt.ema_weights(content)
         else:
             weights = content["model"]
     else:
