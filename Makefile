@@ -40,7 +40,7 @@ $(VENV)/.installed-demo: pyproject.toml scripts/install_venv.py | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml scripts/install_venv.py | $(BIN)/python
-	$(INSTALL) --extras dev,demo,report --compile
+	$(INSTALL) --extras dev,demo,report,export,quantize,executorch --compile
 	touch $@
 
 clean:

@@ -6,6 +6,7 @@ A checkpoint holds only tensors and plain containers of str/int/float/bool, so i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -235,6 +236,15 @@ def prune_epoch_copies(run_dir: Path, keep: int) -> list[Path]:
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex: what model.pretrained_sha256 and exported models name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

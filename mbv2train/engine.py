@@ -248,7 +248,10 @@ def eval_logits(model: nn.Module, images: torch.Tensor, rt: Runtime, tta_flip: b
 
 
 def _num_outputs(model: nn.Module) -> int:
-    """The number of classes: the out_features of the last Linear layer (the classifier)."""
+    """The number of classes: the out_features of the last Linear layer (the classifier), or what a model
+    without one (an exported int8 program) says of itself."""
+    if hasattr(model, "num_classes"):
+        return int(model.num_classes)
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 

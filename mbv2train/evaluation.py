@@ -16,6 +16,7 @@ from torch import nn
 from mbv2train import checkpoint as ckpt
 from mbv2train import data, engine, eval_report, yaml_schema
 from mbv2train.config import Config, DataConfig, config_from_dict, load_config
+from mbv2train.deploy import int8file
 from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.model import build_model
 from mbv2train.devices import resolve_amp, resolve_device
@@ -61,7 +62,7 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         raise ConfigError(f"--report {req.report}: is a file; the report needs a folder")  # before the work
     loaded = load_model(req)
     cfg = loaded.cfg
-    val_dir = _val_dir(cfg, req.data)
+    val_dir = val_dir_of(cfg, req.data)
     per_class = req.per_class or req.report is not None
     loader, found = data.build_val_loader(cfg.data, val_dir, device_type=loaded.device.type)
     classes = loaded.classes
@@ -128,6 +129,8 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
     ``classes_needed``: the command that needs the class names a training checkpoint holds; it refuses
     anything else."""
     state = ckpt.load_checkpoint(req.ckpt)
+    if int8file.is_int8_file(state):
+        return _from_int8_file(state, req)
     if classes_needed and not ckpt.is_training_checkpoint(state):
         raise CheckpointError(f"{req.ckpt}: not a training checkpoint of mbv2 train; {classes_needed} needs one "
                               f"for the class names and the preprocessing it holds")
@@ -160,6 +163,25 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
     rt = engine.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
                                cfg.data.mean, cfg.data.std)
     return LoadedModel(cfg, model, classes, used_ema, device, rt)
+
+
+def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
+    """An int8 model from mbv2 quantize: its program runs on the CPU, with the preprocessing it was
+    calibrated and evaluated with (data settings may still be changed as for a training checkpoint)."""
+    if req.width_mult is not None or req.num_classes is not None:
+        raise CheckpointError(f"{req.ckpt}: --width-mult and --num-classes are for bare state dicts; "
+                              f"an int8 model carries its own model settings")
+    if req.ema is not None and req.ema != state["ema"]:
+        which = "EMA" if state["ema"] else "raw"
+        raise CheckpointError(f"{req.ckpt}: an int8 model holds one set of weights (quantized from the {which} "
+                              f"weights); leave out --ema/--no-ema")
+    cfg = _with_requests(config_from_dict(state["config"], f"{req.ckpt} (saved config)"), req)
+    if req.device not in (None, "auto", "cpu"):
+        raise ConfigError(f"--device {req.device}: int8 models from mbv2 quantize run on the CPU")
+    device = torch.device("cpu")
+    model = int8file.FrozenProgram(int8file.load_program(state, req.ckpt), len(state["class_names"]))
+    rt = engine.Runtime.create(device, None, False, cfg.data.mean, cfg.data.std)
+    return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, rt)
 
 
 def _from_training_checkpoint(state, req: EvalRequest):
@@ -230,7 +252,9 @@ def _from_state_dict(state, req: EvalRequest) -> Config:
     return cfg
 
 
-def _val_dir(cfg: Config, data_dir: Optional[Path]) -> Path:
+def val_dir_of(cfg: Config, data_dir: Optional[Path]) -> Path:
+    """The validation folder: ``data_dir``'s val split (or ``data_dir`` itself when it has none), else the
+    config's data.val_dir or data.root's val split."""
     if data_dir is None:
         if cfg.data.val_dir is None and cfg.data.root is None:
             raise DataError("no validation data: pass --data DIR")

@@ -15,7 +15,6 @@ error says which file to put where.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -93,14 +92,6 @@ def _fetch_torchvision(tag: str, show_progress: bool) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read(model_cfg: ModelConfig, show_progress: bool = True) -> Source:
     """The weights model.pretrained names; CheckpointError (one line) for a missing, damaged, foreign or
     mismatched (model.pretrained_sha256) file, or EMA weights asked of a file that has none."""
@@ -113,7 +104,7 @@ def read(model_cfg: ModelConfig, show_progress: bool = True) -> Source:
             what = "is a folder, not a file" if path.is_dir() else "file not found"
             raise CheckpointError(f"model.pretrained: {what}: {path} (expected a state dict or an mbv2 "
                                   f"checkpoint file, or one of {', '.join(PRETRAINED_TAGS)})")
-    sha256 = _sha256(path)
+    sha256 = ckpt.file_sha256(path)
     expected = model_cfg.pretrained_sha256
     if expected is not None and expected.lower() != sha256:
         raise CheckpointError(f"model.pretrained: {path} has SHA-256 {sha256}, not the {expected.lower()} that "

@@ -157,3 +157,22 @@ class LineReader:
                 break
             self.lines.append(line)
         return "".join(self.lines)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """(digits root, best.pt) of the demo recipe (configs/demo.yaml) trained for 3 of its 10 epochs: a real,
+    imperfect model for the export and quantization tests (about 25 s on 2 cores)."""
+    pytest.importorskip("sklearn")
+    from pathlib import Path
+
+    from mbv2train.data.demo import write_demo_dataset
+
+    base = tmp_path_factory.mktemp("trained_digits")
+    root = base / "digits"
+    write_demo_dataset(root)
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    result = CliRunner().invoke(app, ["train", "--config", str(demo), "--data", str(root), "--output-dir",
+                                      str(base / "run"), "--set", "train.epochs=3", "--set", "train.tb_images=0"])
+    assert result.exit_code == 0, result.output[-3000:]
+    return root, base / "run" / "best.pt"

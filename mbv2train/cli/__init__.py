@@ -8,6 +8,7 @@ training.py  mbv2 train, mbv2 eval
 predict.py   mbv2 predict
 datasets.py  mbv2 data demo | photos | check
 bench.py     mbv2 bench data | model | train
+deploy.py    mbv2 export, mbv2 quantize
 describe.py  mbv2 summary, mbv2 config show
 """
 
@@ -18,6 +19,7 @@ import sys
 # Importing a command module registers its commands on the app, in this order in --help.
 from mbv2train.cli import training  # noqa: F401
 from mbv2train.cli import predict  # noqa: F401
+from mbv2train.cli import deploy  # noqa: F401
 from mbv2train.cli import datasets  # noqa: F401
 from mbv2train.cli import bench  # noqa: F401
 from mbv2train.cli import describe  # noqa: F401

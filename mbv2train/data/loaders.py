@@ -266,9 +266,11 @@ def data_loader(dataset: SeededDataset, cfg: DataConfig, train: bool, device_typ
 
 
 def build_val_loader(cfg: DataConfig, val_dir: Path, rank: int = 0, world_size: int = 1,
-                     device_type: str = "cpu", batch_size: Optional[int] = None
+                     device_type: str = "cpu", batch_size: Optional[int] = None, shuffle_seed: Optional[int] = None
                      ) -> tuple[DataLoader, list[str]]:
-    """Validation loader over ``val_dir`` (every image once over all ranks) and its class names."""
+    """Validation loader over ``val_dir`` (every image once over all ranks) and its class names; with
+    ``shuffle_seed``, in that seed's random order rather than the folder's (a sample of it then spans
+    every class: int8 calibration takes its images so)."""
     val_dir = Path(val_dir).expanduser()
     check_split(val_dir, "validation")
     folder = ImageFolderDataset(val_dir)
@@ -276,8 +278,8 @@ def build_val_loader(cfg: DataConfig, val_dir: Path, rank: int = 0, world_size: 
     # JPEGs are decoded by libjpeg-turbo and resized on the tensor, other formats by PIL (decode.py).
     dataset = SeededDataset(folder, ValTransform(cfg), seed=0, loader=load_image_fast,
                             bad_images=cfg.bad_images, max_bad_fraction=cfg.max_bad_fraction, split="val")
-    sampler = EpochSampler(len(dataset), seed=0, shuffle=False, rank=rank, world_size=world_size,
-                           drop_last=False)
+    sampler = EpochSampler(len(dataset), seed=shuffle_seed or 0, shuffle=shuffle_seed is not None, rank=rank,
+                           world_size=world_size, drop_last=False)
     loader = data_loader(dataset, cfg, False, device_type, sampler=sampler, drop_last=False,
                          batch_size=batch_size or cfg.val_batch_size or cfg.batch_size)
     return loader, folder.classes
