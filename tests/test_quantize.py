@@ -125,10 +125,14 @@ def test_bad_quantize_options_give_one_line_and_exit_2(cli, trained_digits, args
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
-def test_quantizing_an_int8_file_or_a_missing_folder_is_refused(cli, quantized, tmp_path):
+def test_quantizing_an_int8_file_or_a_missing_or_wrong_folder_is_refused(cli, quantized, tmp_path):
     root, ckpt, out, report = quantized
+    no_val = tmp_path / "no_val"
+    no_val.mkdir()
+    (no_val / "train").symlink_to(root / "train")
     for args, message in ((["--ckpt", out, "--data", root], "already an int8 model"),
-                          (["--ckpt", ckpt, "--data", tmp_path / "nowhere"], "data folder not found")):
+                          (["--ckpt", ckpt, "--data", tmp_path / "nowhere"], "data folder not found"),
+                          (["--ckpt", ckpt, "--data", no_val], "its class folders are not the model's 10 classes")):
         result = cli("quantize", *args)
         assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.output
 

@@ -68,6 +68,12 @@ def run_quantize(req: QuantizeRequest, log: Callable[[str], None] = lambda line:
     if not train_dir.is_dir():
         raise DataError(f"{req.data}: no {src.cfg.data.train_split}/ folder to take calibration images from")
     val_dir = val_dir_of(src.cfg, req.data)
+    for folder in (train_dir, val_dir):  # before the minutes of calibration, not after
+        _, found = data.build_val_loader(src.cfg.data, folder)
+        if found != src.classes:
+            raise DataError(f"{folder}: its class folders are not the model's {len(src.classes)} classes "
+                            f"({', '.join(found[:3])}, ... against {', '.join(src.classes[:3])}, ...); "
+                            f"pass the dataset the model was trained on")
 
     log(f"calibrating on {req.calibration_images} images from {train_dir} ({req.backend} quantizer)")
     calibration = _calibration_batches(src, train_dir, req.calibration_images)
