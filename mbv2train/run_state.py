@@ -16,7 +16,7 @@ HARMLESS_KEYS = {
     "data.persistent_workers", "data.prefetch_factor", "data.val_batch_size",
     "train.output_dir", "train.log_every_steps", "train.tb_images", "train.tb_per_class", "train.save_every_epochs",
     "train.keep_checkpoints", "train.compile", "train.device", "train.checkpoint_every_steps",
-    "train.checkpoint_every_minutes", "data.bad_images", "data.max_bad_fraction",
+    "train.checkpoint_every_minutes", "train.dist_timeout_s", "data.bad_images", "data.max_bad_fraction",
 }
 
 

@@ -15,10 +15,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mbv2train import checkpoint as ckpt
 from mbv2train import data, engine, finetune, optim, pretrained, rng, run_state
+from mbv2train.batchnorm_sync import average_running_statistics, synchronize_batchnorm
 from mbv2train.config import Config
 from mbv2train.devices import resolve_amp, resolve_device
-from mbv2train.distributed import (DistInfo, StepVote, any_rank, broadcast_from_rank0, init_distributed,
-                                    min_over_ranks, shutdown_distributed)
+from mbv2train.distributed import (DistInfo, StepVote, any_rank, as_peer_failure, broadcast_from_rank0,
+                                    init_distributed, min_over_ranks, restart_count, shutdown_distributed)
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.faults import NO_FAULTS, Faults
 from mbv2train.model import build_model
@@ -39,11 +40,22 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
     """
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, cfg.train.dist_timeout_s)
     stop = StopFlag(announce=dist.is_main).install()
     try:
+        if resume is None and restart_count() > 0:
+            # torchrun restarted the group after a process failed: carry on from where the run got to
+            log(f"torchrun restart {restart_count()}: resuming from the newest checkpoint in "
+                f"{cfg.train.output_dir}", dist.is_main)
+            resume = "auto"
+            faults = NO_FAULTS  # injected faults belong to the first attempt, which the restart recovers from
         state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main)
         return Run(cfg, device, amp_dtype, dist, stop, faults, state).train(state, allow_changes)
+    except RuntimeError as exc:
+        failure = as_peer_failure(exc, dist.rank, cfg.train.dist_timeout_s) if dist.enabled else None
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         stop.restore()
         shutdown_distributed()
@@ -74,6 +86,9 @@ class Run:
         self.model = build_model(cfg.model)
         if source is not None:  # before the EMA copies the model
             log(pretrained.load_into(self.model, source).line(source), self.say)
+        if cfg.train.sync_bn:  # before the EMA copies the model and the optimizer takes its parameters
+            self.model = synchronize_batchnorm(self.model, device.type, dist.world_size,
+                                               lambda message: log(message, self.say))
         self.model = self.model.to(device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -184,12 +199,18 @@ class Run:
         progress.close()
 
         val_started = time.perf_counter()
-        row = {"epoch": epoch, "step": self.global_step, **train_metrics}
+        row = {"epoch": epoch, "step": self.global_step, "world_size": self.dist.world_size,
+               "global_batch": self.global_batch, **train_metrics}
         evaluations = [("val_", self.model)] + ([("ema_val_", self.ema.module)] if self.ema is not None else [])
         # Each process's last forward pass left its own BatchNorm statistics (DDP hands rank 0's out only
-        # at the next forward): validate rank 0's, which are the ones saved and later evaluated.
+        # at the next forward): evaluate and save their mean over the processes, which does not depend on
+        # rank 0's shard alone (batchnorm_sync.py). With train.sync_bn they agree already; rank 0's copy
+        # makes them agree to the last bit.
         for _, model in evaluations:
-            broadcast_from_rank0(list(model.buffers()))
+            if cfg.train.sync_bn:
+                broadcast_from_rank0(list(model.buffers()))
+            else:
+                average_running_statistics(model)
         for prefix, model in evaluations:
             progress = Progress(len(loaders.val), f"{prefix.replace('_', ' ').strip()} {epoch}",
                                 log_every=max(len(loaders.val), 1), enabled=self.say)
