@@ -47,8 +47,13 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)  # the local rank picks the GPU on every node
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, size = next(dist.rendezvous("env://", info.rank, world_size, timeout=timeout))
+        # torchrun keeps its store across restarts of the worker group: without a name of their own, a
+        # restarted group's processes can read the addresses the dead attempt left there and connect to them
+        store = dist.PrefixStore(f"mbv2/attempt_{restart_count()}/", store)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=size, timeout=timeout)
     global _host_group
     # every process creates it, in the same order: new_group is itself a collective
     _host_group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
