@@ -14,7 +14,7 @@ import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import data, engine, finetune, optim, pretrained, rng, run_state
+from mbv2train import data, engine, finetune, optim, pretrained, rescale, rng, run_state
 from mbv2train.batchnorm_sync import average_running_statistics, synchronize_batchnorm
 from mbv2train.config import Config
 from mbv2train.devices import resolve_amp, resolve_device
@@ -50,6 +50,9 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
             resume = "auto"
             faults = NO_FAULTS  # injected faults belong to the first attempt, which the restart recovers from
         state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main)
+        cfg, note = rescale.keep_global_batch(cfg, state, dist.world_size)
+        if note is not None:
+            log(note, dist.is_main)
         return Run(cfg, device, amp_dtype, dist, stop, faults, state).train(state, allow_changes)
     except RuntimeError as exc:
         failure = as_peer_failure(exc, dist.rank, cfg.train.dist_timeout_s) if dist.enabled else None
@@ -149,7 +152,11 @@ class Run:
                               scheduler=self.scheduler, scaler=self.scaler)
             self.epoch, self.global_step = state["epoch"], state["global_step"]
             self.best_value, self.best_epoch = state["best_value"], state.get("best_epoch")
-            done = engine.EpochProgress.from_state(state.get("epoch_progress"), self.device, self.dist.rank)
+            progress_state = state.get("epoch_progress")
+            if progress_state is not None and progress_state.get("rank_parts") is not None:
+                progress_state = {**progress_state, "rank_parts": rescale.split_rank_parts(
+                    progress_state["rank_parts"], self.dist.world_size)}
+            done = engine.EpochProgress.from_state(progress_state, self.device, self.dist.rank)
             if say:
                 for line in run_state.restore_derived_copies(state, self.run_dir, cfg.train.save_every_epochs,
                                                              cfg.train.keep_checkpoints):
@@ -181,8 +188,8 @@ class Run:
 
     def _one_epoch(self, train_model, epoch: int, done: engine.EpochProgress, mix) -> dict[str, Any]:
         cfg, loaders = self.cfg, self.loaders
-        batch = cfg.data.batch_size * cfg.train.accum_steps
-        loaders.train_sampler.set_epoch(epoch, start_index=done.steps * batch)
+        # the steps done so far took this many samples of the epoch's global order, on any number of processes
+        loaders.train_sampler.set_epoch(epoch, start=done.steps * self.global_batch)
         if self.bad_train is not None:
             self.bad_train.start_epoch()
         progress = Progress(self.steps_per_epoch * cfg.train.accum_steps, f"epoch {epoch}/{cfg.train.epochs}",
@@ -290,7 +297,8 @@ class Run:
             scaler=self.scaler, epoch=self.epoch, global_step=self.global_step, epoch_progress=epoch_progress,
             best_metric=self.best_metric, best_value=self.best_value, best_epoch=self.best_epoch,
             config=self.cfg.to_dict(),
-            class_names=self.loaders.classes, world_size=self.dist.world_size)
+            class_names=self.loaders.classes, world_size=self.dist.world_size, global_batch=self.global_batch,
+            epoch_position=done.steps * self.global_batch if done is not None else 0)
         ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST, keep_previous=self.run_dir / ckpt.PREVIOUS,
                              faults=self.faults)
 
