@@ -86,8 +86,7 @@ def average_running_statistics(model: nn.Module) -> None:
     place on every process (nothing to do in a single process)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    buffers = [buffer for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-               for buffer in (module.running_mean, module.running_var) if buffer is not None]
+    buffers = _running_buffers(model)
     if not buffers:
         return
     flat = torch.cat([buffer.detach().reshape(-1).double() for buffer in buffers])
@@ -98,3 +97,28 @@ def average_running_statistics(model: nn.Module) -> None:
         buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
         offset += buffer.numel()
 
+
+
+def _running_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [buffer for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for buffer in (module.running_mean, module.running_var) if buffer is not None]
+
+
+def gather_running_statistics(model: nn.Module) -> torch.Tensor:
+    """Every process's BatchNorm running statistics, one row per rank (a collective: every process calls
+    it). A mid-epoch checkpoint keeps them so that each process resumes with its own, as it had them."""
+    from mbv2train.distributed import all_gather_rows
+
+    buffers = _running_buffers(model)
+    return all_gather_rows(torch.cat([buffer.detach().reshape(-1).float() for buffer in buffers])).cpu()
+
+
+def restore_running_statistics(model: nn.Module, rows: torch.Tensor, rank: int) -> None:
+    """Put back what gather_running_statistics saved: this rank's row when the checkpoint was written by as
+    many processes, else (another number of processes) their mean."""
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    row = rows[rank] if len(rows) == world_size else rows.double().mean(dim=0).float()
+    offset = 0
+    for buffer in _running_buffers(model):
+        buffer.copy_(row[offset:offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()

@@ -15,7 +15,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mbv2train import checkpoint as ckpt
 from mbv2train import data, engine, finetune, optim, pretrained, rescale, rng, run_state
-from mbv2train.batchnorm_sync import average_running_statistics, synchronize_batchnorm
+from mbv2train.batchnorm_sync import (average_running_statistics, gather_running_statistics,
+                                      restore_running_statistics, synchronize_batchnorm)
 from mbv2train.config import Config
 from mbv2train.devices import resolve_amp, resolve_device
 from mbv2train.distributed import (DistInfo, StepVote, any_rank, as_peer_failure, broadcast_from_rank0,
@@ -128,6 +129,9 @@ class Run:
         self.tracker = NullTracker()
         self.best_metric, self.best_value, self.best_epoch = cfg.best_metric(), None, None
         self.epoch, self.global_step = 0, 0  # completed epochs and optimizer steps
+        # each process's BatchNorm statistics from a mid-epoch checkpoint, put back once DDP has wrapped
+        # the model (wrapping hands rank 0's to every process)
+        self.rank_batchnorm: Optional[dict[str, Any]] = None
         self.last_save = time.monotonic()
         # what every process must act on at the same step: a stop signal, and rank 0's clock for
         # train.checkpoint_every_minutes (clocks differ between processes: rank 0's decides for all)
@@ -151,6 +155,7 @@ class Run:
             run_state.restore(state, model=self.model, ema=self.ema, optimizer=self.optimizer,
                               scheduler=self.scheduler, scaler=self.scaler)
             self.epoch, self.global_step = state["epoch"], state["global_step"]
+            self.rank_batchnorm = state.get("rank_batchnorm")
             self.best_value, self.best_epoch = state["best_value"], state.get("best_epoch")
             progress_state = state.get("epoch_progress")
             if progress_state is not None and progress_state.get("rank_parts") is not None:
@@ -188,6 +193,11 @@ class Run:
 
     def _one_epoch(self, train_model, epoch: int, done: engine.EpochProgress, mix) -> dict[str, Any]:
         cfg, loaders = self.cfg, self.loaders
+        if self.rank_batchnorm is not None:
+            for part, model in (("model", self.model), ("ema", self.ema.module if self.ema is not None else None)):
+                if model is not None and self.rank_batchnorm.get(part) is not None:
+                    restore_running_statistics(model, self.rank_batchnorm[part], self.dist.rank)
+            self.rank_batchnorm = None
         # the steps done so far took this many samples of the epoch's global order, on any number of processes
         loaders.train_sampler.set_epoch(epoch, start=done.steps * self.global_batch)
         if self.bad_train is not None:
@@ -290,6 +300,12 @@ class Run:
         epoch's sums, so that each resumes with its own part and the epoch's totals come out exact."""
         self.last_save = time.monotonic()
         epoch_progress = done.state(gather=self.dist.enabled) if done is not None else None
+        rank_batchnorm = None
+        if done is not None and self.dist.enabled:
+            # each process's own statistics: an uninterrupted run goes on with them (the epoch's end averages
+            # them), so a resumed one must too
+            rank_batchnorm = {"model": gather_running_statistics(self.model),
+                              "ema": gather_running_statistics(self.ema.module) if self.ema is not None else None}
         if not self.say:
             return
         state = run_state.training_state(
@@ -299,6 +315,8 @@ class Run:
             config=self.cfg.to_dict(),
             class_names=self.loaders.classes, world_size=self.dist.world_size, global_batch=self.global_batch,
             epoch_position=done.steps * self.global_batch if done is not None else 0)
+        if rank_batchnorm is not None:
+            state["rank_batchnorm"] = rank_batchnorm
         ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST, keep_previous=self.run_dir / ckpt.PREVIOUS,
                              faults=self.faults)
 
