@@ -75,8 +75,8 @@ class PeerFailure(Exception):
 
 
 # What gloo and NCCL say when a peer is gone: their errors are plain RuntimeErrors otherwise.
-_PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
-                       "NCCL communicator was aborted", "Broken pipe")
+_PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Application timeout", "Connection closed by peer",
+                       "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
 
 
 def as_peer_failure(exc: BaseException, rank: int, timeout_s: float) -> Optional[PeerFailure]:
@@ -85,7 +85,7 @@ def as_peer_failure(exc: BaseException, rank: int, timeout_s: float) -> Optional
     backend_error = isinstance(exc, getattr(dist, "DistError", ()))
     if not backend_error and not (isinstance(exc, RuntimeError) and any(s in text for s in _PEER_FAILURE_SIGNS)):
         return None
-    if "imed out" in text:
+    if "imed out" in text or "timeout" in text:
         what = (f"another process did not reach the same collective within train.dist_timeout_s "
                 f"{timeout_s:g} s (it hung or died)")
     else:

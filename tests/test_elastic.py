@@ -78,3 +78,22 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_the_run_resumes_by
     rows = read_metrics(run / "metrics.jsonl")
     assert [row["epoch"] for row in rows] == [1, 2]
     assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_a_hung_process_stops_the_others_after_dist_timeout_s_with_one_line_naming_it(image_root, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(image_root, run, "data.batch_size=4", "train.dist_timeout_s=5")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # rank 1 hangs after step 2; rank 0 waits for it in step 3's gradient reduction
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "--shutdown-timeout", "2", "-m", "mbv2train", *args,
+                             "--fault", "stall_at_step=2", "--fault", "stall_rank=1"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: rank 0:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert ("training stopped: another process did not reach the same collective within train.dist_timeout_s 5 s"
+            in lines[0])
+    assert "[rank0]: Traceback" not in result.stderr  # the line, not a traceback
+    assert "failed (exitcode: 1) local_rank: 0" in result.stderr  # rank 0 ended by itself, with exit code 1
