@@ -69,7 +69,9 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_the_run_resumes_by
         os.kill(victim, signal.SIGKILL)
         assert job.wait(timeout=300) == 0, err.text()[-3000:]
     finally:
-        if job.poll() is None:
+        if job.poll() is None:  # a failed test leaves no workers behind: they outlive a killed torchrun
+            for pid in worker_pids(job.pid).values():
+                os.kill(pid, signal.SIGKILL)
             job.kill()
     stdout, stderr = out.text(), err.text()
     assert "failed (exitcode: -9) local_rank: 1" in stderr  # the first attempt's rank 1 died by SIGKILL
