@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, LineReader
+from test_elastic import worker_pids
 from mbv2train.tracking import read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
@@ -84,7 +85,14 @@ def test_sigusr1_before_the_time_limit_checkpoints_requeues_once_and_the_requeue
         job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does
         assert job.wait(timeout=300) == 0, err.text()[-3000:]
     finally:
-        if job.poll() is None:
+        if job.poll() is None:  # a failed test leaves nothing running: torchrun and its workers outlive bash
+            step = tmp_path / "fake_slurm" / "step.pid"
+            agent = int(step.read_text()) if step.exists() else None
+            for pid in [*(worker_pids(agent).values() if agent else []), *([agent] if agent else [])]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             job.kill()
     stdout, stderr = out.text(), err.text()
     assert "stopped by SIGUSR1" in stdout
