@@ -105,3 +105,33 @@ def test_reduced_batchnorm_over_two_processes_equals_batchnorm_over_their_batche
         torch.testing.assert_close(running_var, reference.running_var)
     # each process holds its own part of the parameters' gradient; DDP sums them
     torch.testing.assert_close(results[0][4] + results[1][4], reference.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_sync_bn_with_one_process_changes_nothing_and_says_so():
+    from mbv2train.batchnorm_sync import ReducedBatchNorm2d, synchronize_batchnorm
+    from mbv2train.config import ModelConfig
+    from mbv2train.model import build_model
+
+    model, said = build_model(ModelConfig(width_mult=0.25, num_classes=3)), []
+    assert synchronize_batchnorm(model, "cpu", 1, said.append) is model
+    assert said == ["warning: train.sync_bn has no effect with one process"]
+    assert not any(isinstance(m, ReducedBatchNorm2d) for m in model.modules())
+
+
+def test_sync_bn_on_the_cpu_swaps_every_batchnorm_keeping_its_state_and_checkpoint_keys():
+    from mbv2train.batchnorm_sync import ReducedBatchNorm2d, synchronize_batchnorm
+    from mbv2train.config import ModelConfig
+    from mbv2train.model import build_model
+
+    model = build_model(ModelConfig(width_mult=0.25, num_classes=3))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batchnorms = sum(type(m) is nn.BatchNorm2d for m in model.modules())
+    synchronize_batchnorm(model, "cpu", 2, lambda line: None)
+    assert batchnorms > 10 and sum(type(m) is ReducedBatchNorm2d for m in model.modules()) == batchnorms
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
