@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, LineReader
 from mbv2train.config import load_config
 from mbv2train.errors import CheckpointError
 from mbv2train.rescale import keep_global_batch, split_rank_parts
@@ -127,3 +128,48 @@ def test_two_processes_stopped_mid_epoch_resume_on_one_training_each_remaining_s
 @pytest.mark.slow
 def test_one_process_stopped_mid_epoch_resumes_on_two_training_each_remaining_sample_once(image_root, tmp_path):
     stop_and_resume_elsewhere(image_root, tmp_path, before=1, after=2, stop_fault="sigterm_at_step=3")
+
+
+@pytest.mark.slow
+def test_a_torchrun_job_stopped_by_sigterm_to_its_group_resumes_on_one_process_training_each_sample_once(
+        image_root, tmp_path):
+    # What a scheduler does: SIGTERM to the job's process group, here torchrun's, which hands it on to its
+    # workers; they agree on a step, save and stop. Each step of that run is slowed (sleep_per_step) so that the
+    # signal, sent once step 1 is done, lands well inside the epoch's 6 steps.
+    whole = probed(image_root, tmp_path / "whole", tmp_path / "probe_whole", 1)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run, probe = tmp_path / "run", tmp_path / "probe_1"
+    args = ["train", "--data", str(image_root), "--output-dir", str(run), "--fault", "sleep_per_step=0.3"]
+    for item in [*TINY_RUN, "data.batch_size=2", "train.epochs=1", "train.tb_images=0"]:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(PROBE), str(probe), *args], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = LineReader(job.stdout), LineReader(job.stderr)
+    try:
+        out.wait_for("epoch 1/1 1/6")
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    stdout = out.text()
+    assert job.returncode != 0 and "stopped by SIGTERM at step" in stdout, err.text()[-3000:]
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    steps = checkpoint["global_step"]
+    assert 1 <= steps < 6 and checkpoint["epoch"] == 0  # stopped inside the epoch
+    assert checkpoint["epoch_position"] == 4 * steps
+
+    resumed = probed(image_root, run, tmp_path / "probe_2", 1, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at epoch 1, step {steps}/6" in resumed.stdout
+    first, rest = trained_samples(probe), trained_samples(tmp_path / "probe_2")
+    assert len(first) == 4 * steps and len(rest) == 24 - 4 * steps
+    assert collections.Counter(first + rest) == collections.Counter(range(24))
+    lr_whole = learning_rates(tmp_path / "probe_whole")
+    lr_split = {**learning_rates(probe), **learning_rates(tmp_path / "probe_2")}
+    assert sorted(lr_split) == sorted(lr_whole) == [1, 2, 3, 4, 5, 6]
+    assert all(lr_split[step] == lr_whole[step] for step in lr_whole)
