@@ -169,6 +169,13 @@ class TrainConfig:
     tb_images: int = setting(16, "augmented training images shown in TensorBoard at start; 0: none", ge=0)
     tb_per_class: bool = setting(False, "per-class val top-1 and the most confused class pairs in TensorBoard "
                                         "at each epoch's end")
+    dist_timeout_s: float = setting(
+        600.0, "under torchrun: seconds a collective waits for a process that died or hung before the run "
+               "stops with an error", gt=0)
+    sync_bn: bool = setting(
+        False, "under torchrun: BatchNorm normalizes with the statistics of the global batch (SyncBatchNorm); "
+               "false: each process's own, with running statistics averaged over processes before each "
+               "evaluation and save")
 
 
 BEST_METRICS = ("val_top1", "val_top5", "ema_val_top1", "ema_val_top5")

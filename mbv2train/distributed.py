@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Optional
 
 import torch
@@ -34,20 +35,62 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun set up, or return world size 1 outside torchrun."""
+def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group torchrun set up, or return world size 1 outside torchrun.
+
+    ``timeout_s`` (train.dist_timeout_s) bounds how long a collective waits for a process that died or
+    hung: past it the others raise (gloo) or are ended by NCCL's watchdog, instead of waiting forever."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(info.local_rank)  # the local rank picks the GPU on every node
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, size = next(dist.rendezvous("env://", info.rank, world_size, timeout=timeout))
+        # torchrun keeps its store across restarts of the worker group: without a name of their own, a
+        # restarted group's processes can read the addresses the dead attempt left there and connect to them
+        store = dist.PrefixStore(f"mbv2/attempt_{restart_count()}/", store)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=size, timeout=timeout)
     global _host_group
     # every process creates it, in the same order: new_group is itself a collective
-    _host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    _host_group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                   if dist.get_backend() != "gloo" else None)
     return info
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted the worker group (0 for the first attempt, and outside
+    torchrun): a restarted group continues from its newest checkpoint."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class PeerFailure(Exception):
+    """A collective failed because another process died, hung past train.dist_timeout_s, or closed its
+    connection; the message says which, in one line."""
+
+    exit_code = 1
+
+
+# What gloo and NCCL say when a peer is gone: their errors are plain RuntimeErrors otherwise.
+_PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Application timeout", "Connection closed by peer",
+                       "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe")
+
+
+def as_peer_failure(exc: BaseException, rank: int, timeout_s: float) -> Optional[PeerFailure]:
+    """A PeerFailure naming what happened, when ``exc`` is a failed collective; None for anything else."""
+    text = " ".join(str(exc).split())
+    backend_error = isinstance(exc, getattr(dist, "DistError", ()))
+    if not backend_error and not (isinstance(exc, RuntimeError) and any(s in text for s in _PEER_FAILURE_SIGNS)):
+        return None
+    if "imed out" in text or "timeout" in text:
+        what = (f"another process did not reach the same collective within train.dist_timeout_s "
+                f"{timeout_s:g} s (it hung or died)")
+    else:
+        what = "another process closed its connection (it died)"
+    return PeerFailure(f"rank {rank}: training stopped: {what}; last checkpoint kept. Detail: {text[:200]}")
 
 
 def shutdown_distributed() -> None:

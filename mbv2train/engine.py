@@ -201,7 +201,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
             if hooks.log_step is not None and global_step % settings.log_every_steps == 0:
                 done.settle()
                 hooks.log_step(global_step, {"loss": loss.item(), "lr": done.lr})
-            hooks.faults.after_step(global_step)
+            hooks.faults.after_step(global_step, rank)
             if hooks.after_step is not None:
                 hooks.after_step(global_step, done)
         if progress is not None:

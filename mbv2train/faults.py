@@ -16,6 +16,7 @@ They come only from the hidden `mbv2 train --fault NAME=VALUE` option and are in
     sleep_per_step=S         sleep S seconds after every optimizer step (to make timing tests reliable)
     stall_at_step=N          after optimizer step N, before its checkpoint, wait for good: a hung step, for
                              tests that kill a run at a known point (only SIGKILL or a second Ctrl-C end it)
+    stall_rank=R             ... only in the process of rank R (under torchrun): a hung peer
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Faults:
     sigterm_at_val_batch: Optional[int] = None
     sleep_per_step: float = 0.0
     stall_at_step: Optional[int] = None
+    stall_rank: Optional[int] = None
     checkpoint_writes: int = 0  # counters, not settings
     validation_passes: int = 0
 
@@ -79,12 +81,12 @@ class Faults:
         return step == self.nan_loss_at_step or (self.nan_loss_from_step is not None
                                                  and step >= self.nan_loss_from_step)
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, rank: int = 0) -> None:
         if self.sleep_per_step:
             time.sleep(self.sleep_per_step)
         if step == self.sigterm_at_step:
             os.kill(os.getpid(), signal.SIGTERM)
-        while step == self.stall_at_step:
+        while step == self.stall_at_step and self.stall_rank in (None, rank):
             signal.pause()  # a handled stop signal returns here and the stall goes on
 
     def start_validation(self) -> None:

@@ -16,19 +16,22 @@ HARMLESS_KEYS = {
     "data.persistent_workers", "data.prefetch_factor", "data.val_batch_size",
     "train.output_dir", "train.log_every_steps", "train.tb_images", "train.tb_per_class", "train.save_every_epochs",
     "train.keep_checkpoints", "train.compile", "train.device", "train.checkpoint_every_steps",
-    "train.checkpoint_every_minutes", "data.bad_images", "data.max_bad_fraction",
+    "train.checkpoint_every_minutes", "train.dist_timeout_s", "data.bad_images", "data.max_bad_fraction",
 }
 
 
 def training_state(*, model, ema, optimizer, scheduler, scaler, epoch: int, global_step: int,
                    epoch_progress: Optional[dict[str, Any]], best_metric: str, best_value: float | None,
-                   best_epoch: Optional[int], config: dict, class_names: list[str], world_size: int
-                   ) -> dict[str, Any]:
+                   best_epoch: Optional[int], config: dict, class_names: list[str], world_size: int,
+                   global_batch: Optional[int] = None, epoch_position: int = 0) -> dict[str, Any]:
     """Everything needed to continue a run, as tensors and plain containers only (weights_only loads it).
 
     ``epoch`` counts completed epochs; ``epoch_progress`` is set when the checkpoint was written inside
-    the next one (after ``epoch_progress["steps"]`` of its optimizer steps).
+    the next one (after ``epoch_progress["steps"]`` of its optimizer steps, which took the first
+    ``epoch_position`` samples of that epoch's global order).
     """
+    if global_batch is None:
+        global_batch = config["data"]["batch_size"] * world_size * config["train"]["accum_steps"]
     return {
         "format_version": ckpt.FORMAT_VERSION,
         "model": model.state_dict(),
@@ -45,6 +48,8 @@ def training_state(*, model, ema, optimizer, scheduler, scaler, epoch: int, glob
         "config": config,
         "class_names": list(class_names),
         "world_size": world_size,
+        "global_batch": global_batch,  # images per optimizer step over all processes
+        "epoch_position": epoch_position,  # samples of the running epoch's global order trained on
         "versions": ckpt.versions(),
     }
 
@@ -143,8 +148,15 @@ def check_resumable(state: dict[str, Any], config: dict, classes: list[str], wor
         if name not in config.get(section, {}):
             raise ConfigError(f"--allow-change {key}: not a config key")
     refused, harmless = config_changes(_with_defaults(state["config"]), config)
-    if state.get("world_size", 1) != world_size:  # the global batch, hence steps and LR, would change
-        refused.append(f"processes: {state.get('world_size', 1)} -> {world_size}")
+    if state.get("world_size", 1) != world_size:
+        from mbv2train.rescale import saved_global_batch
+
+        now = config["data"]["batch_size"] * world_size * config["train"]["accum_steps"]
+        if now == saved_global_batch(state):  # rescale.keep_global_batch split it anew: the same experiment
+            refused = [line for line in refused if line.split(":")[0] not in ("data.batch_size", "train.accum_steps")]
+        else:  # the global batch, hence steps and LR, would change
+            refused.append(f"processes: {state.get('world_size', 1)} -> {world_size} with global batch "
+                           f"{saved_global_batch(state)} -> {now}")
     allowed = [line for line in refused if line.split(":")[0] in allow_changes]
     refused = [line for line in refused if line not in allowed]
     if refused:

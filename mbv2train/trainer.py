@@ -14,11 +14,13 @@ import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import data, engine, finetune, optim, pretrained, rng, run_state
+from mbv2train import data, engine, finetune, optim, pretrained, rescale, rng, run_state
+from mbv2train.batchnorm_sync import (average_running_statistics, gather_running_statistics,
+                                      restore_running_statistics, synchronize_batchnorm)
 from mbv2train.config import Config
 from mbv2train.devices import resolve_amp, resolve_device
-from mbv2train.distributed import (DistInfo, StepVote, any_rank, broadcast_from_rank0, init_distributed,
-                                    min_over_ranks, shutdown_distributed)
+from mbv2train.distributed import (DistInfo, StepVote, any_rank, as_peer_failure, broadcast_from_rank0,
+                                    init_distributed, min_over_ranks, restart_count, shutdown_distributed)
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.faults import NO_FAULTS, Faults
 from mbv2train.model import build_model
@@ -39,11 +41,25 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
     """
     device = resolve_device(cfg.train.device)
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, cfg.train.dist_timeout_s)
     stop = StopFlag(announce=dist.is_main).install()
     try:
+        if resume is None and restart_count() > 0:
+            # torchrun restarted the group after a process failed: carry on from where the run got to
+            log(f"torchrun restart {restart_count()}: resuming from the newest checkpoint in "
+                f"{cfg.train.output_dir}", dist.is_main)
+            resume = "auto"
+            faults = NO_FAULTS  # injected faults belong to the first attempt, which the restart recovers from
         state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main)
+        cfg, note = rescale.keep_global_batch(cfg, state, dist.world_size)
+        if note is not None:
+            log(note, dist.is_main)
         return Run(cfg, device, amp_dtype, dist, stop, faults, state).train(state, allow_changes)
+    except RuntimeError as exc:
+        failure = as_peer_failure(exc, dist.rank, cfg.train.dist_timeout_s) if dist.enabled else None
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         stop.restore()
         shutdown_distributed()
@@ -74,6 +90,9 @@ class Run:
         self.model = build_model(cfg.model)
         if source is not None:  # before the EMA copies the model
             log(pretrained.load_into(self.model, source).line(source), self.say)
+        if cfg.train.sync_bn:  # before the EMA copies the model and the optimizer takes its parameters
+            self.model = synchronize_batchnorm(self.model, device.type, dist.world_size,
+                                               lambda message: log(message, self.say))
         self.model = self.model.to(device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -110,6 +129,9 @@ class Run:
         self.tracker = NullTracker()
         self.best_metric, self.best_value, self.best_epoch = cfg.best_metric(), None, None
         self.epoch, self.global_step = 0, 0  # completed epochs and optimizer steps
+        # each process's BatchNorm statistics from a mid-epoch checkpoint, put back once DDP has wrapped
+        # the model (wrapping hands rank 0's to every process)
+        self.rank_batchnorm: Optional[dict[str, Any]] = None
         self.last_save = time.monotonic()
         # what every process must act on at the same step: a stop signal, and rank 0's clock for
         # train.checkpoint_every_minutes (clocks differ between processes: rank 0's decides for all)
@@ -133,8 +155,13 @@ class Run:
             run_state.restore(state, model=self.model, ema=self.ema, optimizer=self.optimizer,
                               scheduler=self.scheduler, scaler=self.scaler)
             self.epoch, self.global_step = state["epoch"], state["global_step"]
+            self.rank_batchnorm = state.get("rank_batchnorm")
             self.best_value, self.best_epoch = state["best_value"], state.get("best_epoch")
-            done = engine.EpochProgress.from_state(state.get("epoch_progress"), self.device, self.dist.rank)
+            progress_state = state.get("epoch_progress")
+            if progress_state is not None and progress_state.get("rank_parts") is not None:
+                progress_state = {**progress_state, "rank_parts": rescale.split_rank_parts(
+                    progress_state["rank_parts"], self.dist.world_size)}
+            done = engine.EpochProgress.from_state(progress_state, self.device, self.dist.rank)
             if say:
                 for line in run_state.restore_derived_copies(state, self.run_dir, cfg.train.save_every_epochs,
                                                              cfg.train.keep_checkpoints):
@@ -166,8 +193,13 @@ class Run:
 
     def _one_epoch(self, train_model, epoch: int, done: engine.EpochProgress, mix) -> dict[str, Any]:
         cfg, loaders = self.cfg, self.loaders
-        batch = cfg.data.batch_size * cfg.train.accum_steps
-        loaders.train_sampler.set_epoch(epoch, start_index=done.steps * batch)
+        if self.rank_batchnorm is not None:
+            for part, model in (("model", self.model), ("ema", self.ema.module if self.ema is not None else None)):
+                if model is not None and self.rank_batchnorm.get(part) is not None:
+                    restore_running_statistics(model, self.rank_batchnorm[part], self.dist.rank)
+            self.rank_batchnorm = None
+        # the steps done so far took this many samples of the epoch's global order, on any number of processes
+        loaders.train_sampler.set_epoch(epoch, start=done.steps * self.global_batch)
         if self.bad_train is not None:
             self.bad_train.start_epoch()
         progress = Progress(self.steps_per_epoch * cfg.train.accum_steps, f"epoch {epoch}/{cfg.train.epochs}",
@@ -184,12 +216,18 @@ class Run:
         progress.close()
 
         val_started = time.perf_counter()
-        row = {"epoch": epoch, "step": self.global_step, **train_metrics}
+        row = {"epoch": epoch, "step": self.global_step, "world_size": self.dist.world_size,
+               "global_batch": self.global_batch, **train_metrics}
         evaluations = [("val_", self.model)] + ([("ema_val_", self.ema.module)] if self.ema is not None else [])
         # Each process's last forward pass left its own BatchNorm statistics (DDP hands rank 0's out only
-        # at the next forward): validate rank 0's, which are the ones saved and later evaluated.
+        # at the next forward): evaluate and save their mean over the processes, which does not depend on
+        # rank 0's shard alone (batchnorm_sync.py). With train.sync_bn they agree already; rank 0's copy
+        # makes them agree to the last bit.
         for _, model in evaluations:
-            broadcast_from_rank0(list(model.buffers()))
+            if cfg.train.sync_bn:
+                broadcast_from_rank0(list(model.buffers()))
+            else:
+                average_running_statistics(model)
         for prefix, model in evaluations:
             progress = Progress(len(loaders.val), f"{prefix.replace('_', ' ').strip()} {epoch}",
                                 log_every=max(len(loaders.val), 1), enabled=self.say)
@@ -262,6 +300,12 @@ class Run:
         epoch's sums, so that each resumes with its own part and the epoch's totals come out exact."""
         self.last_save = time.monotonic()
         epoch_progress = done.state(gather=self.dist.enabled) if done is not None else None
+        rank_batchnorm = None
+        if done is not None and self.dist.enabled:
+            # each process's own statistics: an uninterrupted run goes on with them (the epoch's end averages
+            # them), so a resumed one must too
+            rank_batchnorm = {"model": gather_running_statistics(self.model),
+                              "ema": gather_running_statistics(self.ema.module) if self.ema is not None else None}
         if not self.say:
             return
         state = run_state.training_state(
@@ -269,7 +313,10 @@ class Run:
             scaler=self.scaler, epoch=self.epoch, global_step=self.global_step, epoch_progress=epoch_progress,
             best_metric=self.best_metric, best_value=self.best_value, best_epoch=self.best_epoch,
             config=self.cfg.to_dict(),
-            class_names=self.loaders.classes, world_size=self.dist.world_size)
+            class_names=self.loaders.classes, world_size=self.dist.world_size, global_batch=self.global_batch,
+            epoch_position=done.steps * self.global_batch if done is not None else 0)
+        if rank_batchnorm is not None:
+            state["rank_batchnorm"] = rank_batchnorm
         ckpt.save_checkpoint(state, self.run_dir / ckpt.LAST, keep_previous=self.run_dir / ckpt.PREVIOUS,
                              faults=self.faults)
 

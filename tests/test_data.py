@@ -254,8 +254,8 @@ def test_pin_memory_is_off_on_the_cpu(cfg):
 
 # ---------------------------------------------------------------- sampler
 
-def indices(sampler, epoch=0, start_index=0):
-    sampler.set_epoch(epoch, start_index=start_index)
+def indices(sampler, epoch=0, start=0):
+    sampler.set_epoch(epoch, start=start)
     items = list(sampler)
     assert all(e == epoch for e, _ in items) and len(items) == len(sampler)
     return [i for _, i in items]
@@ -274,10 +274,27 @@ def test_val_sharding_covers_every_index_exactly_once():
     assert sorted(sum(shares, [])) == list(range(11))
 
 
-def test_start_index_skips_the_first_samples_of_this_rank():
+def test_a_start_position_skips_the_samples_all_ranks_consumed_before_it():
     sampler = EpochSampler(20, seed=4, rank=1, world_size=2)
-    resumed = indices(sampler, epoch=3, start_index=4)
+    resumed = indices(sampler, epoch=3, start=8)  # 4 samples of each of the 2 ranks
     assert len(resumed) == 6 and resumed == indices(sampler, epoch=3)[4:]
+
+
+def test_the_rest_of_an_epoch_is_the_same_samples_on_any_number_of_processes():
+    # 2 ranks took 6 samples each (positions 0-11 of the global order); 1, 3 or 4 ranks take the others
+    def shares(world_size, start=0):
+        return [indices(EpochSampler(24, seed=7, rank=r, world_size=world_size), epoch=2, start=start)
+                for r in range(world_size)]
+
+    before = [i for share in shares(2) for i in share[:6]]
+    for world_size in (1, 3, 4):
+        after = [i for share in shares(world_size, start=12) for i in share]
+        assert len(after) == 12 and sorted(before + after) == list(range(24))
+
+
+def test_a_start_position_must_be_a_multiple_of_the_world_size():
+    with pytest.raises(ValueError, match="not a multiple of the world size 3"):
+        EpochSampler(20, seed=0, rank=0, world_size=3).set_epoch(0, start=4)
 
 
 def test_shuffle_depends_on_seed_and_epoch():

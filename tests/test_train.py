@@ -10,7 +10,7 @@ from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.tracking import read_metrics
 from mbv2train.trainer import fit, without_timing
 
-ROW_KEYS = {"epoch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "img_per_s", "epoch_time_s"}
+ROW_KEYS = {"epoch", "world_size", "global_batch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "img_per_s", "epoch_time_s"}
 
 
 def test_run_dir_holds_config_metrics_checkpoints_and_tensorboard(tiny_config, tmp_path):
@@ -24,6 +24,7 @@ def test_run_dir_holds_config_metrics_checkpoints_and_tensorboard(tiny_config, t
         assert ROW_KEYS <= set(row)
         assert all(0 <= row[k] <= 1 for k in ("val_top1", "val_top5", "train_top1"))
         assert row["val_images"] == 12
+        assert (row["world_size"], row["global_batch"]) == (1, 8)  # one process, data.batch_size 8
         assert math.isfinite(row["train_loss"]) and row["img_per_s"] > 0
     assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))

@@ -32,7 +32,8 @@ def train(
     """Train MobileNetV2 on an ImageNet-style folder (one subfolder per class).
 
     SIGTERM, SIGINT or SIGUSR1 finish the current step, write a checkpoint and exit with 128 + the signal
-    number; a second Ctrl-C stops at once.
+    number; a second Ctrl-C stops at once. Under torchrun, a process that dies or hangs past
+    train.dist_timeout_s stops the others with exit code 1; a group torchrun restarts resumes by itself.
     """
     from mbv2train.config import load_config
     from mbv2train.faults import Faults
@@ -42,11 +43,15 @@ def train(
         "train.output_dir": ("--output-dir", str(output_dir) if output_dir is not None else None)})
     faults = Faults.parse(fault or [])
 
+    from mbv2train.distributed import PeerFailure
     from mbv2train.preemption import Preempted
     from mbv2train.trainer import fit  # torch comes in here
 
     try:
         fit(cfg, resume=resume, allow_changes=allow_change or [], faults=faults)
+    except PeerFailure as failure:
+        typer.echo(f"error: {failure}", err=True)
+        raise typer.Exit(failure.exit_code) from None
     except Preempted as stopped:
         command = ["mbv2", *sys.argv[1:]]
         if "--resume" not in command:

@@ -153,6 +153,11 @@ class BadImageLog:
 class EpochSampler(Sampler):
     """Yields (epoch, index) for this rank; call set_epoch(epoch) before every epoch.
 
+    Each epoch has one global order (a permutation seeded by (seed, epoch)), the same for any number of
+    processes. Rank r takes positions r, r + world_size, ... of it, so the processes' batches together take
+    consecutive slices of the order: after any number of steps the samples consumed are a prefix of it, and
+    a resume, on this number of processes or another (rescale.py), continues from that position.
+
     Training (drop_last=True): the order is truncated to a multiple of world_size so every rank runs the
     same number of steps. Validation (shuffle=False, drop_last=False): rank r takes r, r+world_size, ...
     without padding, so each image is counted exactly once over all ranks.
@@ -169,18 +174,20 @@ class EpochSampler(Sampler):
         self.world_size = world_size
         self.drop_last = drop_last
         self.epoch = 0
-        self.start_index = 0  # samples of this rank's order already consumed (mid-epoch resume)
+        self.start = 0  # samples of the epoch's global order already consumed by all ranks (mid-epoch resume)
 
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Start epoch ``epoch`` at position ``start`` of its global order (a multiple of world_size)."""
+        if start % self.world_size:
+            raise ValueError(f"start {start} is not a multiple of the world size {self.world_size}")
         self.epoch = epoch
-        self.start_index = start_index
+        self.start = start
+
+    def _end(self) -> int:
+        return self.num_samples // self.world_size * self.world_size if self.drop_last else self.num_samples
 
     def __len__(self) -> int:
-        if self.drop_last:
-            size = self.num_samples // self.world_size
-        else:
-            size = len(range(self.rank, self.num_samples, self.world_size))
-        return max(0, size - self.start_index)
+        return len(range(self.start + self.rank, self._end(), self.world_size))
 
     def __iter__(self):
         if self.shuffle:
@@ -189,9 +196,7 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
-        if self.drop_last:
-            order = order[:self.num_samples // self.world_size * self.world_size]
-        mine = order[self.rank::self.world_size][self.start_index:]
+        mine = order[self.start + self.rank:self._end():self.world_size]
         return iter([(self.epoch, i) for i in mine])
 
 

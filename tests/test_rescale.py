@@ -1,0 +1,175 @@
+"""Resuming on another number of processes: the global batch, the LR curve and the epoch's samples carry on."""
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, LineReader
+from mbv2train.config import load_config
+from mbv2train.errors import CheckpointError
+from mbv2train.rescale import keep_global_batch, split_rank_parts
+from mbv2train.tracking import read_metrics
+
+PROBE = Path(__file__).with_name("sample_probe.py")
+
+
+def saved(world_size: int, batch_size: int, accum_steps: int = 1) -> dict:
+    cfg = load_config(None, [f"data.batch_size={batch_size}", f"train.accum_steps={accum_steps}"])
+    return {"config": cfg.to_dict(), "world_size": world_size, "global_batch": batch_size * world_size * accum_steps}
+
+
+@pytest.mark.parametrize("now_batch, now_accum, world_size, expected", [
+    (4, 1, 1, (4, 2)),  # 2 -> 1: the process batch stays, accumulation doubles
+    (4, 1, 4, (2, 1)),  # 2 -> 4: no accumulation to halve, so the process batch halves
+    (4, 2, 4, (1, 2)),  # 4 x 4 processes is over 8 already: the accumulation stays, the process batch shrinks
+    (2, 2, 1, (2, 4)),  # the batch the command line asks for now is kept when it can be
+    (4, 1, 8, (1, 1)),
+])
+def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(now_batch, now_accum, world_size, expected):
+    cfg = load_config(None, [f"data.batch_size={now_batch}", f"train.accum_steps={now_accum}"])
+    rescaled, note = keep_global_batch(cfg, saved(world_size=2, batch_size=4), world_size)
+    assert (rescaled.data.batch_size, rescaled.train.accum_steps) == expected
+    assert rescaled.data.batch_size * world_size * rescaled.train.accum_steps == 8
+    assert "global batch 8 kept" in note and "no longer bit-identical" in note and "BatchNorm" in note
+
+
+def test_the_same_number_of_processes_changes_nothing():
+    cfg = load_config(None, ["data.batch_size=4"])
+    assert keep_global_batch(cfg, saved(world_size=2, batch_size=4), 2) == (cfg, None)
+
+
+def test_a_global_batch_the_processes_do_not_divide_is_one_clear_error():
+    cfg = load_config(None, ["data.batch_size=4"])
+    with pytest.raises(CheckpointError, match=r"^cannot resume the global batch of 8 on 3 processes: 3 does not "
+                                              r"divide it; process counts that do: 1, 2, 4, 8$"):
+        keep_global_batch(cfg, saved(world_size=2, batch_size=4), 3)
+
+
+def test_the_epoch_sums_of_the_old_processes_go_to_the_first_new_one():
+    parts = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert torch.equal(split_rank_parts(parts, 2), parts)
+    assert torch.equal(split_rank_parts(parts, 1), torch.tensor([[4.0, 6.0]]))
+    assert torch.equal(split_rank_parts(parts, 3), torch.tensor([[4.0, 6.0], [0.0, 0.0], [0.0, 0.0]]))
+
+
+# ------------------------------------------------------------------------ end to end, through sample_probe.py
+
+
+def probed(image_root, run: Path, probe: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    """One epoch of 24 images (6 steps of a global batch of 4) with ``processes`` processes, recorded by
+    sample_probe.py into ``probe``."""
+    args = ["train", "--data", str(image_root), "--output-dir", str(run)]
+    for item in [*TINY_RUN, f"data.batch_size={4 // processes}", "train.epochs=1", "train.tb_images=0"]:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+                if processes > 1 else [sys.executable])
+    return subprocess.run([*launcher, str(PROBE), str(probe), *args, *extra], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def trained_samples(probe: Path) -> list[int]:
+    """Every sample index the processes of one launch trained on."""
+    return [index for path in sorted(probe.glob("samples_rank*.jsonl"))
+            for line in path.read_text().splitlines() for _, index in json.loads(line)]
+
+
+def learning_rates(probe: Path) -> dict[int, float]:
+    return {row["step"]: row["lr"] for row in map(json.loads, (probe / "lr.jsonl").read_text().splitlines())}
+
+
+def stop_and_resume_elsewhere(image_root, tmp_path, before: int, after: int, stop_fault: str) -> None:
+    whole = probed(image_root, tmp_path / "whole", tmp_path / "probe_whole", before)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run = tmp_path / "run"
+    stopped = probed(image_root, run, tmp_path / "probe_1", before, "--fault", stop_fault)
+    # 128 + SIGTERM from each process (torchrun itself reports a failed group with 1)
+    assert (stopped.returncode == 143 if before == 1 else "exitcode  : 143" in stopped.stderr), stopped.stderr[-3000:]
+    assert "stopped by SIGTERM at step 3" in stopped.stdout
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    assert (checkpoint["global_step"], checkpoint["epoch"], checkpoint["world_size"]) == (3, 0, before)
+    assert (checkpoint["global_batch"], checkpoint["epoch_position"]) == (4, 12)
+
+    # the same command on another number of processes
+    resumed = probed(image_root, run, tmp_path / "probe_2", after, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"warning: resuming on {after} process" in resumed.stdout + resumed.stderr
+    assert "global batch 4 kept" in resumed.stdout + resumed.stderr
+    assert "resuming at epoch 1, step 3/6" in resumed.stdout
+
+    first, rest = trained_samples(tmp_path / "probe_1"), trained_samples(tmp_path / "probe_2")
+    assert len(first) == 12 and len(rest) == 12
+    assert collections.Counter(first + rest) == collections.Counter(range(24))  # each sample once
+    assert sorted(trained_samples(tmp_path / "probe_whole")) == list(range(24))
+
+    lr_whole = learning_rates(tmp_path / "probe_whole")
+    lr_split = {**learning_rates(tmp_path / "probe_1"), **learning_rates(tmp_path / "probe_2")}
+    assert sorted(lr_split) == sorted(lr_whole) == [1, 2, 3, 4, 5, 6]
+    assert all(lr_split[step] == lr_whole[step] for step in lr_whole)
+    [row] = read_metrics(run / "metrics.jsonl")
+    assert (row["epoch"], row["step"], row["world_size"], row["global_batch"]) == (1, 6, after, 4)
+
+
+@pytest.mark.slow
+def test_two_processes_stopped_mid_epoch_resume_on_one_training_each_remaining_sample_once(image_root, tmp_path):
+    # under torchrun every process sends itself SIGTERM after step 2; they agree and stop after step 3
+    stop_and_resume_elsewhere(image_root, tmp_path, before=2, after=1, stop_fault="sigterm_at_step=2")
+
+
+@pytest.mark.slow
+def test_one_process_stopped_mid_epoch_resumes_on_two_training_each_remaining_sample_once(image_root, tmp_path):
+    stop_and_resume_elsewhere(image_root, tmp_path, before=1, after=2, stop_fault="sigterm_at_step=3")
+
+
+@pytest.mark.slow
+def test_a_torchrun_job_stopped_by_sigterm_to_its_group_resumes_on_one_process_training_each_sample_once(
+        image_root, tmp_path):
+    # What a scheduler does: SIGTERM to the job's process group, here torchrun's, which hands it on to its
+    # workers; they agree on a step, save and stop. Each step of that run is slowed (sleep_per_step) so that the
+    # signal, sent once step 1 is done, lands well inside the epoch's 6 steps.
+    whole = probed(image_root, tmp_path / "whole", tmp_path / "probe_whole", 1)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    run, probe = tmp_path / "run", tmp_path / "probe_1"
+    args = ["train", "--data", str(image_root), "--output-dir", str(run), "--fault", "sleep_per_step=0.3"]
+    for item in [*TINY_RUN, "data.batch_size=2", "train.epochs=1", "train.tb_images=0"]:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(PROBE), str(probe), *args], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = LineReader(job.stdout), LineReader(job.stderr)
+    try:
+        out.wait_for("epoch 1/1 1/6")
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    stdout = out.text()
+    assert job.returncode != 0 and "stopped by SIGTERM at step" in stdout, err.text()[-3000:]
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    steps = checkpoint["global_step"]
+    assert 1 <= steps < 6 and checkpoint["epoch"] == 0  # stopped inside the epoch
+    assert checkpoint["epoch_position"] == 4 * steps
+
+    resumed = probed(image_root, run, tmp_path / "probe_2", 1, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at epoch 1, step {steps}/6" in resumed.stdout
+    first, rest = trained_samples(probe), trained_samples(tmp_path / "probe_2")
+    assert len(first) == 4 * steps and len(rest) == 24 - 4 * steps
+    assert collections.Counter(first + rest) == collections.Counter(range(24))
+    lr_whole = learning_rates(tmp_path / "probe_whole")
+    lr_split = {**learning_rates(probe), **learning_rates(tmp_path / "probe_2")}
+    assert sorted(lr_split) == sorted(lr_whole) == [1, 2, 3, 4, 5, 6]
+    assert all(lr_split[step] == lr_whole[step] for step in lr_whole)
