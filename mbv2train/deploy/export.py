@@ -53,7 +53,7 @@ def check_request(req: ExportRequest) -> None:
         raise ConfigError("--dynamic-batch: ExecuTorch programs are planned for one batch size; give --batch-size")
     if req.images < 1:
         raise ConfigError(f"--images {req.images}: must be at least 1")
-    if req.format in ("onnx",):
+    if req.format == "onnx":
         extras.require("export", f"--format {req.format}")
     if req.format == "executorch":
         extras.require("executorch", "--format executorch")

@@ -51,22 +51,18 @@ class Check:
 def compare(reference: torch.nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
             fixed_batch: Optional[int], quantized: bool) -> Check:
     expected, got = [], []
-    for chunk in _chunks(images, fixed_batch or CHUNK, fixed=fixed_batch is not None):
-        count = chunk.shape[0] if fixed_batch is None else min(fixed_batch, chunk.shape[0])
+    size = fixed_batch or CHUNK
+    for start in range(0, len(images), size):
+        chunk = images[start:start + size]
         batch = chunk if fixed_batch is None else _filled(chunk, fixed_batch)
-        expected.append(reference(batch).float()[:count])
-        got.append(torch.as_tensor(exported(batch)).float()[:count])
+        expected.append(reference(batch).float()[:len(chunk)])
+        got.append(torch.as_tensor(exported(batch)).float()[:len(chunk)])
     expected, got = torch.cat(expected), torch.cat(got)
     if got.shape != expected.shape:
         raise ExportMismatch(f"the exported model gives logits of shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
     diff = (got - expected).abs().max().item()
     agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
     return Check(diff if diff == diff else float("inf"), agreement, len(images), quantized)
-
-
-def _chunks(images: torch.Tensor, size: int, fixed: bool):
-    for start in range(0, len(images), size):
-        yield images[start:start + size]
 
 
 def _filled(chunk: torch.Tensor, size: int) -> torch.Tensor:
