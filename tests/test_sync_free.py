@@ -146,8 +146,8 @@ def test_trainer_steps_make_no_host_sync(tiny_config, monkeypatch):
     counter = SyncCounter(monkeypatch)
 
     class CountingFaults(Faults):
-        def after_step(self, step):
-            super().after_step(step)
+        def after_step(self, step, rank=0):
+            super().after_step(step, rank)
             counter.active = step + 1 in STEADY
 
     fit(tiny_config("data.batch_size=2", "data.num_workers=2", "train.epochs=1", "train.ema=true",
