@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from mbv2train.errors import CheckFailed
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -67,11 +69,9 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-class PeerFailure(Exception):
+class PeerFailure(CheckFailed):
     """A collective failed because another process died, hung past train.dist_timeout_s, or closed its
-    connection; the message says which, in one line."""
-
-    exit_code = 1
+    connection; the message says which, in one line (exit 1: the run failed, the input was fine)."""
 
 
 # What gloo and NCCL say when a peer is gone: their errors are plain RuntimeErrors otherwise.

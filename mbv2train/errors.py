@@ -8,6 +8,8 @@ escapes is a bug in mbv2train and keeps its traceback.
 class UserError(Exception):
     """A problem with the user's input (config, data, checkpoint), reported without a traceback."""
 
+    exit_code = 2
+
     def __init__(self, message: str = ""):
         # A DataLoader worker's error reaches the main process re-raised as
         # ErrorType("Caught ErrorType in DataLoader worker process N.\nOriginal Traceback ...\nmodule.ErrorType: msg");
@@ -32,3 +34,10 @@ class CheckpointError(UserError):
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite (train.nonfinite: raise), or stayed so too long (skip)."""
+
+
+class CheckFailed(UserError):
+    """The input was fine but the work failed a check (an export that disagrees with PyTorch, a process of
+    the run that died or hung): one line, exit 1."""
+
+    exit_code = 1

@@ -35,7 +35,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.
 
 
 def reports_user_errors(command):
-    """Turn the project's UserError into one line on stderr and exit code 2, never a traceback."""
+    """Turn the project's UserError into one line on stderr and its exit code (2, or 1 for a failed check),
+    never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -45,7 +46,7 @@ def reports_user_errors(command):
             exc.__traceback__ = None  # frees a failed DataLoader's workers now, not at some later collection
             one_line = str(exc).replace("\n", "\\n")  # a value typed with a newline stays on the line
             typer.echo(f"error: {one_line}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted; nothing was saved for the current step", err=True)
             raise typer.Exit(130) from None

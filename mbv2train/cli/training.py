@@ -43,15 +43,11 @@ def train(
         "train.output_dir": ("--output-dir", str(output_dir) if output_dir is not None else None)})
     faults = Faults.parse(fault or [])
 
-    from mbv2train.distributed import PeerFailure
     from mbv2train.preemption import Preempted
     from mbv2train.trainer import fit  # torch comes in here
 
     try:
         fit(cfg, resume=resume, allow_changes=allow_change or [], faults=faults)
-    except PeerFailure as failure:
-        typer.echo(f"error: {failure}", err=True)
-        raise typer.Exit(failure.exit_code) from None
     except Preempted as stopped:
         command = ["mbv2", *sys.argv[1:]]
         if "--resume" not in command:

@@ -20,7 +20,7 @@ from torch import nn
 
 from mbv2train import data, engine
 from mbv2train.deploy import extras, int8file
-from mbv2train.deploy.source import ModelSource, load_source, real_images
+from mbv2train.deploy.source import ModelSource, load_source, prepared_batches, real_images
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.evaluation import EvalRequest, load_model, val_dir_of
 
@@ -76,7 +76,8 @@ def run_quantize(req: QuantizeRequest, log: Callable[[str], None] = lambda line:
                             f"pass the dataset the model was trained on")
 
     log(f"calibrating on {req.calibration_images} images from {train_dir} ({req.backend} quantizer)")
-    calibration = _calibration_batches(src, train_dir, req.calibration_images)
+    # a seeded random sample, so that a small one still holds every class
+    calibration = prepared_batches(src.cfg.data, train_dir, req.calibration_images, shuffle_seed=CALIBRATION_SEED)
     float_program = _export(src.model, src.example(2))
     program = quantize(float_program, req.backend, calibration)
 
@@ -150,21 +151,6 @@ def _drop_unused_tensors(module: torch.fx.GraphModule) -> None:
         if name not in used:
             owner_name, _, leaf = name.rpartition(".")
             delattr(module.get_submodule(owner_name) if owner_name else module, leaf)
-
-
-def _calibration_batches(src: ModelSource, train_dir: Path, count: int) -> list[torch.Tensor]:
-    """``count`` training images in a seeded random order (so every class is in a small sample), with the
-    evaluation transform, normalized as the model sees them."""
-    loader, _ = data.build_val_loader(src.cfg.data, train_dir, shuffle_seed=CALIBRATION_SEED)
-    rt = engine.Runtime.create(torch.device("cpu"), None, False, src.cfg.data.mean, src.cfg.data.std)
-    batches, seen = [], 0
-    for images, labels, _ in loader:
-        batch = rt.prepare(images, labels)[0].contiguous()[:count - seen]
-        batches.append(batch)
-        seen += len(batch)
-        if seen >= count:
-            break
-    return batches
 
 
 def _scores(req: EvalRequest, val_dir: Path) -> dict[str, Any]:

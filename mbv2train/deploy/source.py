@@ -80,12 +80,19 @@ def real_images(src: ModelSource, data_dir: Optional[Path], limit: int) -> tuple
     val_dir = val_dir_of(src.cfg, data_dir)
     if not val_dir.is_dir():
         raise DataError(f"no images to check the export on: {val_dir} is not a folder; pass --data DIR")
-    loader, _ = data.build_val_loader(src.cfg.data, val_dir)
-    rt = engine.Runtime.create(torch.device("cpu"), None, False, src.cfg.data.mean, src.cfg.data.std)
+    return torch.cat(prepared_batches(src.cfg.data, val_dir, limit)), val_dir
+
+
+def prepared_batches(data_cfg, folder: Path, limit: int, shuffle_seed: Optional[int] = None) -> list[torch.Tensor]:
+    """The first ``limit`` images of ``folder`` (in ``shuffle_seed``'s random order when given) through the
+    evaluation transform and normalization, as contiguous float32 batches."""
+    loader, _ = data.build_val_loader(data_cfg, folder, shuffle_seed=shuffle_seed)
+    rt = engine.Runtime.create(torch.device("cpu"), None, False, data_cfg.mean, data_cfg.std)
     batches, count = [], 0
     for images, labels, _ in loader:
-        batches.append(rt.prepare(images, labels)[0].contiguous())
-        count += len(images)
+        batch = rt.prepare(images, labels)[0].contiguous()[:limit - count]
+        batches.append(batch)
+        count += len(batch)
         if count >= limit:
             break
-    return torch.cat(batches)[:limit], val_dir
+    return batches

@@ -14,12 +14,14 @@ from typing import Callable, Optional
 
 import torch
 
+from mbv2train.errors import CheckFailed
+
 FLOAT_ATOL = 1e-4
 INT8_MIN_AGREEMENT = 0.98
 CHUNK = 64  # images per call when the exported model takes any batch
 
 
-class ExportMismatch(Exception):
+class ExportMismatch(CheckFailed):
     """The exported file computes something else than the PyTorch model (exit 1, not a usage error)."""
 
 
