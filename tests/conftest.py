@@ -1,4 +1,5 @@
 import io
+import time
 import zlib
 
 import pytest
@@ -103,6 +104,18 @@ def truncated_jpeg() -> bytes:
     pixels = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     Image.fromarray(pixels.numpy(), "RGB").save(buffer, "JPEG")
     return buffer.getvalue()[:buffer.tell() // 2]
+
+
+def wait_until(condition, what: str, timeout: float = 300):
+    """Poll ``condition`` until it returns something true (which is returned): for events a test cannot be
+    told of (a file appearing, a process starting); AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class LineReader:

@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_RUN, LineReader
+from conftest import TINY_RUN, LineReader, wait_until
 from mbv2train.tracking import read_metrics
 
 
@@ -40,14 +39,13 @@ def worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
-def wait_until(condition, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)  # polling for an event, not waiting for a guessed delay
-    raise AssertionError(f"timed out waiting for {what}")
+def torchrun_two_processes(*options: str) -> list[str]:
+    """torchrun for 2 local processes with a short shutdown grace, then ``options`` (torchrun's, then mbv2's)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--shutdown-timeout", "2", *options]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.mark.slow
@@ -56,11 +54,9 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_the_run_resumes_by
     # 2 processes x batch 4 over 24 images: 3 steps per epoch. A checkpoint after every step; both processes
     # then hang after step 2 (before its checkpoint), where one of them is killed.
     args = train_args(image_root, run, "data.batch_size=4", "train.checkpoint_every_steps=1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "--max-restarts", "1", "--shutdown-timeout", "2", "-m", "mbv2train", *args,
-                            "--fault", "stall_at_step=2"],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(torchrun_two_processes("--max-restarts", "1", "-m", "mbv2train", *args,
+                                                  "--fault", "stall_at_step=2"),
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = LineReader(job.stdout), LineReader(job.stderr)
     try:
         wait_until(lambda: (run / "last.pt").exists(), "the checkpoint of step 1")
@@ -86,12 +82,10 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_the_run_resumes_by
 def test_a_hung_process_stops_the_others_after_dist_timeout_s_with_one_line_naming_it(image_root, tmp_path):
     run = tmp_path / "run"
     args = train_args(image_root, run, "data.batch_size=4", "train.dist_timeout_s=5")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # rank 1 hangs after step 2; rank 0 waits for it in step 3's gradient reduction
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "--shutdown-timeout", "2", "-m", "mbv2train", *args,
-                             "--fault", "stall_at_step=2", "--fault", "stall_rank=1"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(torchrun_two_processes("-m", "mbv2train", *args, "--fault", "stall_at_step=2",
+                                                   "--fault", "stall_rank=1"),
+                            env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: rank 0:")]
     assert len(lines) == 1, result.stderr[-3000:]

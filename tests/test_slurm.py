@@ -7,13 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_RUN, LineReader
+from conftest import TINY_RUN, LineReader, wait_until
 from test_elastic import worker_pids
 from mbv2train.tracking import read_metrics
 
@@ -61,14 +60,6 @@ def sbatch_args(image_root, run: Path, *overrides: str) -> list[str]:
     for item in [*TINY_RUN, "data.batch_size=4", "optim.lr=0.01", *overrides]:
         args += ["--set", item]
     return args
-
-
-def wait_until(condition, what: str, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)  # polling for an event, not waiting for a guessed delay
 
 
 @pytest.mark.slow
