@@ -20,7 +20,8 @@ decoupled for adamw.
 
 On CUDA the optimizers keep all their state on the GPU (fused kernels for sgd and adamw, ``capturable``
 for rmsprop), so that a training step can be undone on the device without the host looking (engine.py,
-step_guard.py); on the CPU they are torch's defaults.
+step_guard.py); on the CPU they are torch's defaults. An optimizer keeps these options when a checkpoint
+saved on another kind of device is loaded into it (keep_device_options).
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ from torch.optim.lr_scheduler import LambdaLR
 from mbv2train.config import OptimConfig, ScheduleConfig
 from mbv2train.model import HEAD
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_at", "materialize_state", "parameter_groups", "scaled_lr"]
+__all__ = ["build_optimizer", "build_scheduler", "keep_device_options", "lr_at", "materialize_state",
+           "parameter_groups", "scaled_lr"]
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 BIASED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 RMSPROP_EPS = 0.0316  # ~ TensorFlow's 1e-3 (see above)
 ADAMW_EPS = 1e-8  # Adam's usual value
+# Devices where the optimizers keep all their state on the device (_on_device_options). Tests add "cpu" to
+# run the device path on the CPU.
+STATE_ON_DEVICE = ("cuda",)
+# The parameter-group settings that say how a step runs on its device, not what it computes
+DEVICE_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
@@ -91,31 +98,35 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch_size: int) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.name`` over ``parameter_groups(model, cfg)`` at ``scaled_lr(cfg, global_batch_size)``."""
+    """The optimizer ``cfg.name`` over ``parameter_groups(model, cfg)`` at ``scaled_lr(cfg, global_batch_size)``,
+    with the device options of the model's device, which it keeps when a state dict is loaded into it."""
     params = parameter_groups(model, cfg)
     lr = scaled_lr(cfg, global_batch_size)
     for group in params:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    on_cuda = next(model.parameters()).device.type == "cuda"
+    on_device = next(model.parameters()).device.type in STATE_ON_DEVICE
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               **_on_device_options(torch.optim.SGD, on_cuda))
-    if cfg.name == "rmsprop":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    **_on_device_options(torch.optim.SGD, on_device))
+    elif cfg.name == "rmsprop":
         eps = RMSPROP_EPS if cfg.eps is None else cfg.eps
-        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.alpha, eps=eps, momentum=cfg.momentum,
-                                   **_on_device_options(torch.optim.RMSprop, on_cuda))
-    if cfg.name == "adamw":
+        optimizer = torch.optim.RMSprop(params, lr=lr, alpha=cfg.alpha, eps=eps, momentum=cfg.momentum,
+                                        **_on_device_options(torch.optim.RMSprop, on_device))
+    elif cfg.name == "adamw":
         eps = ADAMW_EPS if cfg.eps is None else cfg.eps
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=eps,
-                                 **_on_device_options(torch.optim.AdamW, on_cuda))
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=eps,
+                                      **_on_device_options(torch.optim.AdamW, on_device))
+    else:
+        raise ValueError(f"unknown optimizer {cfg.name!r}")
+    optimizer.register_load_state_dict_post_hook(keep_device_options)
+    return optimizer
 
 
-def _on_device_options(optimizer_class, on_cuda: bool) -> dict:
+def _on_device_options(optimizer_class, on_device: bool) -> dict:
     """On CUDA: one fused kernel per step where torch has it, else ``capturable``; both keep the step count
     on the GPU (torch's default keeps it on the CPU, and reading it there would wait for the GPU). On the
     CPU: torch's defaults (the fused CPU kernels round differently and buy little)."""
-    if not on_cuda:
+    if not on_device:
         return {}
     accepted = inspect.signature(optimizer_class.__init__).parameters
     if "fused" in accepted:
@@ -123,6 +134,28 @@ def _on_device_options(optimizer_class, on_cuda: bool) -> dict:
     if "capturable" in accepted:
         return {"capturable": True}
     return {}
+
+
+def keep_device_options(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict``: the device options the optimizer was built with, and each step count
+    where they keep it, whatever device the state was saved on.
+
+    torch's ``load_state_dict`` takes the options (fused, capturable, ...) from the saved groups, so a GPU
+    run's capturable RMSprop resumed on the CPU would fail at its first step, and a CPU run's optimizer
+    resumed on a GPU would lose its fused kernel and keep its step counts on the host, where undoing a
+    step on the device (step_guard.py) copies to the host every step. As torch does, a capturable or
+    fused group keeps its step counts on its parameters' device in float32, any other on the CPU.
+    """
+    for group in optimizer.param_groups:
+        for key in DEVICE_OPTIONS:
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+        on_device = group.get("capturable") or group.get("fused")
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                step = state["step"]
+                state["step"] = step.to(device=param.device, dtype=torch.float32) if on_device else step.to("cpu")
 
 
 @torch.no_grad()

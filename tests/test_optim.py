@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from mbv2train import optim
 from mbv2train.config import OptimConfig, ScheduleConfig, load_config
 from mbv2train.model import MobileNetV2
 from mbv2train.optim import build_optimizer, build_scheduler, lr_at, parameter_groups, scaled_lr
@@ -188,6 +189,80 @@ def test_optimizer_state_survives_a_weights_only_round_trip(name):
     for index, state in saved["state"].items():
         for key, value in state.items():
             assert torch.equal(loaded["state"][index][key], value), key
+
+
+# --- a checkpoint moved to another kind of device ---------------------------------------------------
+
+# What build_optimizer asks for where the optimizers keep all their state on the device (a GPU)
+ON_DEVICE_OPTIONS = {"sgd": {"fused": True}, "adamw": {"fused": True}, "rmsprop": {"capturable": True}}
+DEVICE_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+
+
+def stepped_state(name):
+    """An optimizer's state dict after two steps, saved and loaded as a checkpoint is."""
+    model = small_model()
+    optimizer = build_optimizer(model, OptimConfig(name=name), global_batch_size=8)
+    for _ in range(2):
+        model(torch.randn(8, 4)).square().sum().backward()
+        optimizer.step()
+    return save_and_load(optimizer.state_dict())
+
+
+def device_options(optimizer):
+    return [{key: group.get(key) for key in DEVICE_OPTIONS} for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_state_saved_on_a_gpu_resumes_on_the_cpu_with_the_cpus_options(name):
+    saved = stepped_state(name)
+    for group in saved["param_groups"]:  # as a GPU run writes them
+        group.update(ON_DEVICE_OPTIONS[name])
+    model = small_model()
+    optimizer = build_optimizer(model, OptimConfig(name=name), global_batch_size=8)
+    built = device_options(optimizer)
+    optimizer.load_state_dict(saved)
+    assert device_options(optimizer) == built
+    assert not any(group.get(key) for group in built for key in ("fused", "capturable"))
+    assert [group["lr"] for group in optimizer.param_groups] == [group["lr"] for group in saved["param_groups"]]
+    model(torch.randn(8, 4)).square().sum().backward()
+    optimizer.step()  # capturable RMSprop refuses CPU tensors
+    assert all(state["step"].device.type == "cpu" and int(state["step"]) == 3 for state in optimizer.state.values()
+               if "step" in state)
+
+
+@pytest.mark.parametrize("name, device", [("sgd", "cpu"), ("adamw", "cpu"), ("rmsprop", "meta")])
+def test_state_saved_on_the_cpu_resumes_on_a_device_with_the_devices_options_and_step_counts_there(
+        monkeypatch, name, device):
+    # No GPU here: the CPU (fused kernels) or the meta device (capturable) stands in for one.
+    saved = stepped_state(name)
+    monkeypatch.setattr(optim, "STATE_ON_DEVICE", (device,))
+    model = small_model().to(device)
+    optimizer = build_optimizer(model, OptimConfig(name=name), global_batch_size=8)
+    built = device_options(optimizer)
+    optimizer.load_state_dict(saved)
+    assert device_options(optimizer) == built
+    assert all(group.get(key) for group in built for key in ON_DEVICE_OPTIONS[name])
+    steps = [state["step"] for state in optimizer.state.values() if "step" in state]
+    assert all(step.device.type == device and step.dtype == torch.float32 for step in steps)
+    assert len(steps) == (0 if name == "sgd" else len(list(model.parameters())))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_state_saved_on_the_cpu_resumes_on_the_gpu_with_its_options_and_step_counts_there(name):
+    saved = stepped_state(name)
+    model = small_model().cuda()
+    optimizer = build_optimizer(model, OptimConfig(name=name), global_batch_size=8)
+    optimizer.load_state_dict(saved)
+    assert all(group[key] for group in optimizer.param_groups for key in ON_DEVICE_OPTIONS[name])
+    assert all(value.device.type == "cuda" for state in optimizer.state.values() for value in state.values())
+    model(torch.randn(8, 4, device="cuda")).square().sum().backward()
+    optimizer.step()
 
 
 # --- learning-rate curves ---------------------------------------------------------------------------

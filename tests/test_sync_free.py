@@ -1,6 +1,7 @@
 """A steady-state training step never makes the host wait for the device; a non-finite step is undone on
 the device, exactly, and reported at the next boundary."""
 
+import io
 import os
 import subprocess
 import sys
@@ -8,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.optim import optimizer as torch_optimizer, rmsprop
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from conftest import TINY_RUN
 from mbv2train import engine, optim, step_guard
@@ -16,12 +19,16 @@ from mbv2train.config import OptimConfig, ScheduleConfig
 from mbv2train.errors import NonFiniteLoss
 from mbv2train.faults import Faults
 from mbv2train.model import MobileNetV2
+from mbv2train.preemption import Preempted
 from mbv2train.progress import Progress
 from mbv2train.tracking import read_metrics
 from mbv2train.trainer import fit, without_timing
 
 # The Tensor methods that copy a value to the host: on a GPU each waits for all queued work.
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+# The torch functions that make a tensor on the host unless given another device
+FACTORIES = ("empty", "zeros", "ones", "full", "tensor")
+DEVICE = torch.device("cpu")  # the device here, named as the code names it (SyncCounter)
 STEPS = 7  # optimizer steps in the tiny epochs below
 STEADY = range(3, 6)  # the steps counted: not the first (warm-up) nor the last (the epoch's end reads the sums)
 
@@ -29,26 +36,116 @@ STEADY = range(3, 6)  # the steps counted: not the first (warm-up) nor the last 
 @pytest.fixture(autouse=True)
 def device_path_on_the_cpu(monkeypatch):
     """Run the device path here: on the CPU the guard would otherwise read its flags on the host, where
-    that costs nothing (step_guard.HOST_READ_DEVICES), and these tests are about the path a GPU takes."""
+    that costs nothing (step_guard.HOST_READ_DEVICES), and the optimizers would keep their step counts on
+    the host (optim.STATE_ON_DEVICE); these tests are about the path a GPU takes. torch's capturable
+    RMSprop (what a GPU gets) refuses CPU tensors only because it has no use there: allowed here."""
     monkeypatch.setattr(step_guard, "HOST_READ_DEVICES", ())
+    monkeypatch.setattr(optim, "STATE_ON_DEVICE", (*optim.STATE_ON_DEVICE, "cpu"))
+    capturable_devices = rmsprop._get_capturable_supported_devices
+    monkeypatch.setattr(rmsprop, "_get_capturable_supported_devices",
+                        lambda *args, **kwargs: [*capturable_devices(*args, **kwargs), "cpu"])
 
 
 class SyncCounter:
-    """Counts calls of SYNC_METHODS on tensors while ``active``, wherever they come from (our code or
-    torch's), with the line that made each."""
+    """Counts, while ``active``, what would make the host wait for a GPU, wherever it comes from (our code
+    or torch's), with the line that made each:
+
+    - a call of SYNC_METHODS;
+    - a copy to the host: ``.to("cpu")`` (or ``device="cpu"``), and ``copy_`` into a host tensor;
+    - an optimizer step with state on the host, or on another device than its parameter: torch keeps
+      ``step`` on the host unless the group is capturable or fused, and undoing a step on the device then
+      copies the step's flag to the host (step_guard.Rollback).
+
+    Here the CPU plays the device, so the host is told apart by how a tensor came to be: a torch factory
+    given no device or the string "cpu", ``.cpu()`` and ``.to("cpu")`` make host tensors (a copy, as from
+    a GPU), ``.to(device)`` of a host tensor makes a device one. A device named by a ``torch.device`` (as
+    the code names the training device: ``tensor.device``, ``rt.device``) is taken to be the device, so
+    ``.to(torch.device("cpu"))`` goes unseen, as do copies by ``torch._foreach_copy_``.
+    """
 
     def __init__(self, monkeypatch):
         self.active, self.calls = False, []
+        self.host = WeakIdKeyDictionary()  # the tensors that would live on the host
         for name in SYNC_METHODS:
             monkeypatch.setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+        monkeypatch.setattr(torch.Tensor, "to", self._moving(torch.Tensor.to))
+        monkeypatch.setattr(torch.Tensor, "copy_", self._copying(torch.Tensor.copy_))
+        for name in FACTORIES:
+            monkeypatch.setattr(torch, name, self._making(getattr(torch, name)))
+        # (torch's public register_optimizer_step_pre_hook leaves nothing for monkeypatch to undo)
+        monkeypatch.setitem(torch_optimizer._global_optimizer_pre_hooks, ("sync counter", id(self)),
+                            self._checking_optimizer_state)
+
+    def _count(self, what: str, frame) -> None:
+        self.calls.append(f"{what} at {frame.f_code.co_filename}:{frame.f_lineno}")
+
+    def _on_host(self, tensor, result):
+        """``result`` as a host tensor of its own (on the CPU, moving to the CPU returns the tensor itself)."""
+        result = result.clone() if result is tensor else result
+        self.host[result] = True
+        return result
 
     def _counting(self, name, original):
         def counting(tensor, *args, **kwargs):
-            if self.active:
-                caller = sys._getframe(1)
-                self.calls.append(f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
-            return original(tensor, *args, **kwargs)
+            if self.active and tensor not in self.host:  # reading the host's own memory waits for nothing
+                self._count(name, sys._getframe(1))
+            result = original(tensor, *args, **kwargs)
+            return self._on_host(tensor, result) if name == "cpu" else result
         return counting
+
+    def _moving(self, original):
+        def to(tensor, *args, **kwargs):
+            target = kwargs.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
+            result = original(tensor, *args, **kwargs)
+            if names_the_host(target):
+                if self.active and tensor not in self.host:
+                    self._count("to cpu", sys._getframe(1))
+                return self._on_host(tensor, result)
+            if tensor in self.host:
+                if target is not None:  # uploaded: a device tensor of its own
+                    return result.clone() if result is tensor else result
+                self.host[result] = True  # the same host tensor in another dtype
+            return result
+        return to
+
+    def _copying(self, original):
+        def copy_(tensor, source, *args, **kwargs):
+            if self.active and tensor in self.host and source not in self.host:
+                self._count("copy_ into a host tensor", sys._getframe(1))
+            return original(tensor, source, *args, **kwargs)
+        return copy_
+
+    def _making(self, factory):
+        def make(*args, **kwargs):
+            made = factory(*args, **kwargs)
+            if kwargs.get("device") is None or names_the_host(kwargs["device"]):
+                self.host[made] = True
+            return made
+        return make
+
+    def _checking_optimizer_state(self, optimizer, args, kwargs):
+        if not self.active:
+            return
+        for group in optimizer.param_groups:
+            state_on_device = group.get("capturable") or group.get("fused")
+            for param in group["params"]:
+                for name, value in optimizer.state.get(param, {}).items():
+                    if torch.is_tensor(value) and ((name == "step" and not state_on_device) or value in self.host
+                                                   or value.device != param.device):
+                        self._count(f"optimizer state on the host ({name!r} of group {group.get('name')!r})",
+                                    outside_torch(sys._getframe(1)))
+                        return  # once per step
+
+
+def names_the_host(device) -> bool:
+    return isinstance(device, str) and torch.device(device).type == "cpu"
+
+
+def outside_torch(frame):
+    """The first frame from ``frame`` up that is not torch's own: where optimizer.step() was called."""
+    while f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+        frame = frame.f_back
+    return frame
 
 
 def tiny_model(device="cpu"):
@@ -103,8 +200,8 @@ def run_epoch(parts, *, accum=1, skip=False, clip=1.0, faults=None, after_step=N
 def test_the_counter_counts_a_deliberate_item(monkeypatch):
     counter = SyncCounter(monkeypatch)
     counter.active = True
-    torch.ones(2).sum().item()
-    if torch.ones(1):
+    torch.ones(2, device=DEVICE).sum().item()
+    if torch.ones(1, device=DEVICE):
         pass
     counter.active = False
     assert [call.split(" at ")[0] for call in counter.calls] == ["item", "__bool__"]
@@ -124,6 +221,84 @@ def test_steady_state_steps_make_no_host_sync(monkeypatch, optimizer, settings):
     metrics = run_epoch(parts_for(tiny_model(), optimizer), after_step=after_step, **settings)
     assert counter.calls == []
     assert metrics["nonfinite_skips"] == (1 if "faults" in settings else 0)  # read at the epoch's end
+
+
+@pytest.mark.parametrize("plant, counted", [
+    (lambda done: done.loss_sum.to("cpu"), "to cpu"),
+    (lambda done: done.loss_sum.to(device="cpu", dtype=torch.float64), "to cpu"),
+    (lambda done: torch.zeros(()).copy_(done.loss_sum), "copy_ into a host tensor"),
+    (lambda done: torch.empty((), device="cpu").copy_(done.loss_sum), "copy_ into a host tensor"),
+], ids=["to-cpu", "to-device-cpu", "copy-into-zeros", "copy-into-empty-on-cpu"])
+def test_the_counter_counts_a_copy_to_the_host_planted_in_each_step(monkeypatch, plant, counted):
+    counter = SyncCounter(monkeypatch)
+
+    def after_step(step, done):
+        counter.active = step + 1 in STEADY
+        if counter.active:
+            plant(done)  # done.loss_sum: the epoch's running loss, on the device
+
+    run_epoch(parts_for(tiny_model()), after_step=after_step)
+    assert [call.split(" at ")[0] for call in counter.calls] == [counted] * len(STEADY)
+    assert all(call.endswith(f"{__file__}:{plant.__code__.co_firstlineno}") for call in counter.calls)
+
+
+def steps_moved_to_the_host(optimizer):
+    optim.materialize_state(optimizer)
+    for state in optimizer.state.values():
+        state["step"] = state["step"].cpu()
+
+
+@pytest.mark.parametrize("optimizer, state_on_device, plant", [
+    ("adamw", (), None),  # torch's defaults keep the step counts on the host
+    ("rmsprop", (), None),
+    ("adamw", ("cpu",), steps_moved_to_the_host),  # fused, its step counts then moved to the host
+], ids=["adamw-defaults", "rmsprop-defaults", "fused-adamw-steps-moved"])
+def test_the_counter_counts_optimizer_state_left_on_the_host(monkeypatch, optimizer, state_on_device, plant):
+    counter = SyncCounter(monkeypatch)
+    monkeypatch.setattr(optim, "STATE_ON_DEVICE", state_on_device)
+    parts = parts_for(tiny_model(), optimizer)
+    if plant is not None:
+        plant(parts.optimizer)
+
+    def after_step(step, done):
+        counter.active = step + 1 in STEADY
+
+    run_epoch(parts, after_step=after_step)
+    counted = "optimizer state on the host ('step' of group 'decay')"
+    assert [call.split(" at ")[0] for call in counter.calls] == [counted] * len(STEADY)
+    assert all("step_guard.py" in call for call in counter.calls)  # where optimizer.step() is called
+
+
+def saved_and_loaded(obj):
+    """Through torch.save and torch.load(weights_only=True, map_location="cpu"), as a checkpoint goes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True, map_location="cpu")
+
+
+def resumed_from_a_host_checkpoint(monkeypatch, optimizer, device="cpu"):
+    """Parts whose optimizer continues one that kept its step counts on the host (a CPU run's)."""
+    with monkeypatch.context() as patched:
+        patched.setattr(optim, "STATE_ON_DEVICE", ())
+        host_run = parts_for(tiny_model(), optimizer)
+    run_epoch(host_run, steps=2)
+    parts = parts_for(tiny_model(device), optimizer)
+    parts.optimizer.load_state_dict(saved_and_loaded(host_run.optimizer.state_dict()))
+    assert [int(state["step"]) for state in parts.optimizer.state.values()] == [2] * len(parts.optimizer.state)
+    return parts
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_steps_of_an_optimizer_resumed_from_a_host_checkpoint_make_no_host_sync(monkeypatch, optimizer):
+    parts = resumed_from_a_host_checkpoint(monkeypatch, optimizer)
+    counter = SyncCounter(monkeypatch)
+
+    def after_step(step, done):
+        counter.active = step + 1 in STEADY
+
+    run_epoch(parts, after_step=after_step, skip=True)
+    assert counter.calls == []
 
 
 def test_a_log_step_inside_the_window_is_seen_by_the_counter(monkeypatch):
@@ -155,6 +330,26 @@ def test_trainer_steps_make_no_host_sync(tiny_config, monkeypatch):
     assert counter.calls == []
 
 
+@pytest.mark.slow  # loader worker processes
+def test_trainer_steps_resumed_from_a_host_checkpoint_make_no_host_sync(tiny_config, monkeypatch):
+    # A run whose optimizer kept its step counts on the host (torch's defaults, a CPU run's), stopped after
+    # step 2 and resumed where the state stays on the device: `mbv2 train --resume` from a CPU to a GPU.
+    settings = ("data.batch_size=2", "data.num_workers=2", "train.epochs=1", "train.ema=true",
+                "train.log_every_steps=1000", "train.grad_clip_norm=1.0", "optim.name=adamw")
+    with monkeypatch.context() as on_the_host, pytest.raises(Preempted):
+        on_the_host.setattr(optim, "STATE_ON_DEVICE", ())
+        fit(tiny_config(*settings), faults=Faults(sigterm_at_step=2))
+    counter = SyncCounter(monkeypatch)
+
+    class CountingFaults(Faults):
+        def after_step(self, step, rank=0):
+            super().after_step(step, rank)
+            counter.active = step + 1 in STEADY
+
+    fit(tiny_config(*settings), resume="auto", faults=CountingFaults())
+    assert counter.calls == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("optimizer, amp", [("sgd", torch.bfloat16), ("adamw", torch.bfloat16),
                                             ("rmsprop", torch.float16), ("sgd", None)])
@@ -165,6 +360,22 @@ def test_steady_state_steps_pass_cuda_sync_debug_mode(optimizer, amp):
     try:
         metrics = run_epoch(parts_for(tiny_model("cuda"), optimizer, amp=amp), accum=2, skip=True,
                             faults=Faults(nan_loss_at_step=4), after_step=after_step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert metrics["nonfinite_skips"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_steps_of_an_optimizer_resumed_from_a_cpu_checkpoint_pass_cuda_sync_debug_mode(monkeypatch, optimizer):
+    parts = resumed_from_a_host_checkpoint(monkeypatch, optimizer, device="cuda")
+    assert {state["step"].device.type for state in parts.optimizer.state.values()} == {"cuda"}
+
+    def after_step(step, done):
+        torch.cuda.set_sync_debug_mode("error" if step + 1 in STEADY else 0)
+
+    try:
+        metrics = run_epoch(parts, skip=True, faults=Faults(nan_loss_at_step=4), after_step=after_step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert metrics["nonfinite_skips"] == 1
