@@ -12,8 +12,10 @@ import torch
 class Prefetcher:
     """Batches of ``loader`` one at a time: ``take`` the current one, then ``fetch`` the next one early.
 
-    Only the plain batch, ``(uint8 images (N,3,H,W), labels, ...)``, is copied ahead; any other batch (JPEG
-    bytes that ``Runtime.prepare`` decodes on the device) is handed over as the loader gave it. An error
+    Only the plain batch, ``(uint8 images (N,3,H,W), labels, ...)``, is copied ahead; any other batch is
+    handed over as the loader gave it. With data.decode: device the loader decodes the batch on the device
+    within ``fetch``, while the step's kernels are still queued (data/gpu_decode.py keeps the decoder off
+    the memory they read). An error
     raised by the loader while fetching early is raised by the ``take`` that would have returned that
     batch, so a run stops at the same step as without fetching ahead. ``waited`` adds up the seconds spent
     waiting for the loader.

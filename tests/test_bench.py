@@ -206,6 +206,14 @@ def test_bench_train_reports_speed_data_wait_and_a_verdict(train_run):
     assert 0 <= result["data_wait_frac"] < 1
     assert result["verdict"] in ("data-bound", "compute-bound") and result["advice"]
     assert (result["steps"], result["batch_size"], result["workers"], result["decode"]) == (2, 4, 0, "workers")
+    assert "decode_wait_ms_per_batch" not in result  # nothing is decoded in this process
+
+
+def test_bench_train_with_device_decoding_reports_the_host_s_wait_in_the_decode(photo_root):
+    result = json_result("bench", "train", "--data", photo_root, "--steps", "2", "--warmup", "1",
+                         "--set", "data.num_workers=0", "--set", "data.decode=device", *TINY)
+    assert result["decode"] == "device"
+    assert result["decode_wait_ms_per_batch"] > 0 and 0 < result["decode_wait_frac"] < 1
 
 
 def test_bench_train_writes_no_run_directory(train_run):
@@ -239,3 +247,14 @@ def test_little_waiting_for_data_is_compute_bound():
 
     kind, _ = verdict(DATA_BOUND_FRACTION / 2, _cfg(), workers=4, cpus=4, device=torch.device("cpu"))
     assert kind == "compute-bound"
+
+
+def test_sync_debug_mode_s_silence_is_not_sync_free_when_torchvision_decodes_on_the_gpu():
+    from mbv2train.bench.train import sync_findings
+
+    assert sync_findings(None, "workers") == {"sync_free": True, "sync_error": None, "unseen_sync": None}
+    device = sync_findings(None, "device")
+    assert device["sync_free"] is False and device["sync_error"] is None
+    assert "decode_jpeg" in device["unseen_sync"] and "cudaStreamSynchronize" in device["unseen_sync"]
+    seen = sync_findings("called a synchronizing CUDA operation", "workers")
+    assert seen["sync_free"] is False and seen["sync_error"] == "called a synchronizing CUDA operation"

@@ -9,6 +9,7 @@ most 0.11 level. 2 levels and a mean of 0.25 are allowed.
 
 import dataclasses
 import io
+import math
 import os
 import signal
 from pathlib import Path
@@ -24,7 +25,7 @@ from mbv2train import data
 from mbv2train.config import load_config
 from mbv2train.data.encoded import EncodedBatch, EncodedJpeg, collate_encoded, jpeg_header
 from mbv2train.data.folders import to_rgb
-from mbv2train.data.gpu_decode import BatchDecoder, upright
+from mbv2train.data.gpu_decode import BatchDecoder, _decode_jpegs, upright
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.tracking import read_metrics
 from mbv2train.trainer import fit, without_timing
@@ -282,6 +283,28 @@ def test_a_jpeg_that_fails_at_batch_decoding_takes_the_next_image_of_the_batch()
         BatchDecoder(cfg, train=True, device="cpu", bad_images="error")(*collate_encoded(items))
 
 
+def encoded_items(count: int, height: int = 60, width: int = 80) -> list:
+    """Dataset items of whole-image training crops of ``count`` photo JPEGs, as the workers leave them."""
+    return [(EncodedJpeg(jpeg_bytes(photo(seed, height, width)), f"img{seed}.jpg", height, width,
+                         window=(0, 0, height, width)), seed, "") for seed in range(count)]
+
+
+def test_the_decoder_adds_up_the_host_s_time_in_its_decode_calls_per_batch():
+    decoder = BatchDecoder(data_cfg("unused"), train=True, device="cpu", bad_images="skip")
+    assert (decoder.waited.batches, decoder.waited.seconds) == (0, 0.0)
+    decoder(*collate_encoded(encoded_items(3)))
+    assert decoder.waited.batches == 1 and decoder.waited.seconds > 0
+    # a batch the workers decoded whole makes no decode call
+    after_one = decoder.waited.seconds
+    decoder(*collate_encoded([(torch.zeros(3, 60, 80, dtype=torch.uint8), 0, "")]))
+    assert (decoder.waited.batches, decoder.waited.seconds) == (1, after_one)
+    # a broken JPEG fails the batch call; the calls that find it belong to the same batch
+    broken = [(EncodedJpeg(undecodable_jpeg(), "broken.jpg", 64, 64, window=(0, 0, 64, 64)), 9, ""),
+              *encoded_items(2)]
+    decoder(*collate_encoded(broken))
+    assert decoder.waited.batches == 2 and decoder.waited.seconds > after_one
+
+
 def test_a_training_run_counts_the_skipped_jpegs(broken_root, tmp_path):
     cfg = load_config(None, [*TINY_RUN, f"data.root={broken_root}", f"train.output_dir={tmp_path / 'run'}",
                              "data.decode=device", "data.bad_images=skip", "data.max_bad_fraction=0.5",
@@ -400,3 +423,51 @@ def test_cuda_and_cpu_decoding_agree_within_the_decoders_rounding(photo_root):
         assert b.is_cuda and torch.equal(labels_a, labels_b)
         mse = (a.double() - b.cpu().double()).pow(2).mean()
         assert 10 * torch.log10(255 ** 2 / mse.clamp(min=1e-10)) >= 30
+
+
+# The reproduction of https://github.com/pytorch/vision/pull/9606, through mbv2's decoder: tensors whose reads
+# are still queued on the stream are freed (the host runs ahead of the GPU, as in training), then a batch is
+# decoded. A decoder that writes into their memory changes what the queued reads see.
+FILL = 7
+GPU_SLEEP_CYCLES = 10**9  # about half a second of GPU clock: the reads wait behind it while the decode runs
+
+
+def reads_disturbed_by(decode, shape: tuple[int, ...], count: int) -> int:
+    """How many of ``count`` queued reads of freed tensors of ``shape`` saw other values than their fill."""
+    fillers = [torch.full(shape, FILL, dtype=torch.uint8, device="cuda") for _ in range(count)]
+    torch.cuda.synchronize()  # the fill is in memory
+    torch.cuda._sleep(GPU_SLEEP_CYCLES)
+    sums = [filler.sum(dtype=torch.int64) for filler in fillers]  # queued behind the sleep
+    del fillers  # freed while their reads wait: the caching allocator may hand their memory out again now
+    decode()
+    torch.cuda.synchronize()
+    return sum(int(total) != FILL * math.prod(shape) for total in sums)
+
+
+def freshly_started(decode) -> None:
+    """Run ``decode`` once (nvJPEG's start-up stays out of the reproduction), then empty the allocator's
+    cache, so that the only free blocks of the reproduction's sizes are the ones it frees."""
+    decode()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+def test_a_batch_decode_never_writes_into_memory_that_queued_kernels_still_read():
+    items = encoded_items(8, 256, 320)  # each decoded JPEG has exactly a filler's size: (3, 256, 320)
+    decoder = BatchDecoder(data_cfg("unused"), train=True, device="cuda")
+    freshly_started(lambda: decoder(*collate_encoded(items)))
+    # Once more, so that the decoder's own blocks are cached as in training: a new device allocation during
+    # the reproduction would order later work after the queued reads and hide a missing guard.
+    decoder(*collate_encoded(items))
+    torch.cuda.synchronize()
+    assert reads_disturbed_by(lambda: decoder(*collate_encoded(items)), (3, 256, 320), len(items)) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+def test_the_reproduction_catches_torchvision_s_decode_called_on_the_training_stream():
+    """The test above proves something only if the reproduction sees the unguarded decode's writes."""
+    batch, _, _ = collate_encoded(encoded_items(8, 256, 320))
+    freshly_started(lambda: _decode_jpegs(batch.jpegs(), torch.device("cuda")))
+    disturbed = reads_disturbed_by(lambda: _decode_jpegs(batch.jpegs(), torch.device("cuda")), (3, 256, 320), 8)
+    assert disturbed > 0, "torchvision's CUDA decode left the freed memory alone: has it been fixed upstream?"

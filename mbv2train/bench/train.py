@@ -5,19 +5,23 @@ waited for data, with what to change.
 A data wait is the time the training process spends blocked on the loader's next batch. On CUDA a
 sync-free step queues its kernels and moves on, so the host's clock is the device's only over many steps:
 the clock starts after the warm-up steps (worker start-up, cuDNN autotuning, compilation) and a device
-synchronization, and stops after the last step's work has finished.
+synchronization, and stops after the last step's work has finished. With data.decode: device the data wait
+includes the decode, and the host's time inside the decode call is reported apart: on CUDA, torchvision
+returns from it only once nvJPEG is done.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Optional
 
 import torch
 
 from mbv2train import data, engine
 from mbv2train.bench.common import rate, say, synchronize
 from mbv2train.config import Config
+from mbv2train.data.gpu_decode import DecodeWait, DeviceDecodingLoader
 from mbv2train.devices import resolve_amp, resolve_device
 from mbv2train.distributed import DistInfo
 from mbv2train.errors import ConfigError
@@ -25,6 +29,11 @@ from mbv2train.faults import NO_FAULTS
 from mbv2train.preemption import StopFlag
 
 DATA_BOUND_FRACTION = 0.05  # waiting for data longer than this share of the time leaves the device idle
+
+# Host-device synchronizations that torch.cuda.set_sync_debug_mode cannot see, because a library makes them
+# in its own C++ code rather than through torch's API, by data.decode.
+UNSEEN_SYNCS = {"device": "torchvision's CUDA decode_jpeg waits for its nvJPEG stream (cudaStreamSynchronize) "
+                          "before it returns"}
 
 
 class WaitClock:
@@ -57,8 +66,9 @@ class StepClock:
     ``sync_debug`` makes every later step raise on a host-device synchronization (CUDA's sync debug mode),
     except around the chunk's end, where the epoch's totals are read on purpose."""
 
-    def __init__(self, device: torch.device, warmup: int, waits: WaitClock, sync_debug: bool):
+    def __init__(self, device: torch.device, warmup: int, waits: WaitClock, sync_debug: bool, decoder=None):
         self.device, self.warmup, self.waits, self.sync_debug = device, warmup, waits, sync_debug
+        self.decoder = decoder  # the loader's BatchDecoder with data.decode: device
         self.started = None
         self.chunk_end = 0
 
@@ -67,6 +77,8 @@ class StepClock:
             synchronize(self.device)
             self.started = time.perf_counter()
             self.waits.counting = True
+            if self.decoder is not None:
+                self.decoder.waited = DecodeWait()
         if self.sync_debug:
             torch.cuda.set_sync_debug_mode("error" if self.warmup <= global_step < self.chunk_end else 0)
 
@@ -100,12 +112,27 @@ def verdict(wait_fraction: float, cfg: Config, workers: int, cpus: int, device: 
     return "data-bound", advice
 
 
+def sync_findings(sync_error: Optional[str], decode: str) -> dict:
+    """What the sync check found: ``sync_error``, the first synchronization sync debug mode raised on;
+    ``unseen_sync``, one the steps make that it cannot see; ``sync_free`` only when there is neither."""
+    unseen = UNSEEN_SYNCS.get(decode)
+    return {"sync_free": sync_error is None and unseen is None, "sync_error": sync_error, "unseen_sync": unseen}
+
+
+def decode_wait(waited: DecodeWait, elapsed: Optional[float]) -> dict:
+    """The host's time inside the decode calls of the timed steps: per batch, and as a share of the time."""
+    return {"decode_wait_ms_per_batch": 1000 * waited.seconds / waited.batches if waited.batches else None,
+            "decode_wait_frac": waited.seconds / elapsed if elapsed else None}
+
+
 def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) -> dict:
     """Training img/s and the share of time spent waiting for data, over ``steps`` steps after ``warmup``.
 
     With ``sync_debug`` (CUDA only) the steps after the warm-up run under
-    ``torch.cuda.set_sync_debug_mode("error")``: ``sync_free`` says whether none of them synchronized, and
-    ``sync_error`` names the first call that did.
+    ``torch.cuda.set_sync_debug_mode("error")``: ``sync_free`` says whether none of them synchronized,
+    ``sync_error`` names the first call that did, and ``unseen_sync`` one that the debug mode cannot see.
+    With data.decode: device, ``decode_wait_ms_per_batch`` and ``decode_wait_frac`` give the host's time
+    inside the decode calls.
     """
     if steps < 1 or warmup < 1:
         raise ConfigError("bench train needs --steps and --warmup of at least 1")
@@ -120,7 +147,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) 
     model = torch.compile(run.model) if cfg.train.compile else run.model
     mix = data.build_mix_transform(cfg.data, cfg.model.num_classes)
     waits = WaitClock(run.loaders.train)
-    clock = StepClock(device, warmup, waits, sync_debug)
+    decoder = run.loaders.train.decoder if isinstance(run.loaders.train, DeviceDecodingLoader) else None
+    clock = StepClock(device, warmup, waits, sync_debug, decoder)
     workers = run.loaders.train.num_workers
     total = warmup + steps
     epochs = -(-total // run.steps_per_epoch)
@@ -161,9 +189,10 @@ def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) 
               "steps": steps, "warmup": warmup, "epochs": epochs, "train_loss": loss}
     if wait_fraction is not None:
         result["verdict"], result["advice"] = verdict(wait_fraction, cfg, workers, cpus, device)
+    if decoder is not None:
+        result.update(decode_wait(decoder.waited, elapsed))
     if sync_debug:
-        result["sync_free"] = sync_error is None
-        result["sync_error"] = sync_error
+        result.update(sync_findings(sync_error, cfg.data.decode))
     return result
 
 
@@ -174,5 +203,8 @@ def format_train_result(result: dict) -> str:
              f"{result['image_size']} px, {result['device']}, {result['workers']} workers, "
              f"{result['decode']} decode)",
              f"waiting for data: {result['data_wait_frac']:.1%} of the time -> {result['verdict']}"]
+    if result.get("decode_wait_ms_per_batch") is not None:
+        lines.append(f"  of which in the decode call: {result['decode_wait_ms_per_batch']:.1f} ms per batch "
+                     f"({result['decode_wait_frac']:.1%} of the time)")
     lines += [f"  try: {line}" for line in result["advice"]]
     return "\n".join(lines)

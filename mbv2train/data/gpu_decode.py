@@ -3,14 +3,18 @@
 torchvision's decode_jpeg decodes a list of JPEGs with nvJPEG when the device is a CUDA GPU and with
 libjpeg-turbo when it is the CPU; everything after it (EXIF orientation, crop, resize, flip) is the same
 tensor code on either device, so the CPU runs, and CI tests, every line of the GPU path. The random
-draws were made in the workers (encoded.py); this module only carries them out.
+draws were made in the workers (encoded.py); this module only carries them out. On CUDA the decoder gets
+memory of its own (DecodeStream), so that it cannot overwrite memory the training step still reads.
 """
 
 from __future__ import annotations
 
 import io
+import time
 import warnings
-from typing import Optional, Union
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
 
 import torch
 from PIL import Image
@@ -49,6 +53,62 @@ def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return _UPRIGHT[orientation](image)
 
 
+class DecodeStream:
+    """On CUDA, the stream a batch is decoded on: its own, so that nvJPEG only ever writes memory that no
+    queued kernel still reads. On the CPU, nothing.
+
+    torchvision's CUDA decode_jpeg allocates its output tensors on the caller's current stream, then has
+    nvJPEG write them from a private stream that does not wait for the work queued on the caller's one
+    (https://github.com/pytorch/vision/pull/9606 reproduces it deterministically; torchcodec fixed the same
+    in its decoder, https://github.com/meta-pytorch/torchcodec/pull/1634). The caching allocator hands a
+    block freed on a stream to the next allocation on that stream at once, since work on the stream runs in
+    order. mbv2 decodes the next batch while the step's kernels are still queued (prefetch.py), after the
+    host has freed tensors they have yet to read: decoding on the training stream would let nvJPEG overwrite
+    them before they are read, silently changing the step.
+
+    Decoding with a stream of its own current, the outputs come from that stream's pool, which holds only
+    decoder outputs: the training stream never frees into it. ``hand_over`` makes the training stream wait
+    for the decode stream and records each output's use on the training stream, so the allocator gives an
+    output's block back to the decoder only once the training work queued before its release has finished.
+    Making nvJPEG's stream wait for the training stream instead would not do: torchvision does not expose
+    that stream, and torchcodec found that nvJPEG's hardware engine does not keep to a stream's order.
+    The cost: the decode stream's pool keeps its own blocks for the full-size decoded images of the
+    batches in flight.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._streams: dict[int, torch.cuda.Stream] = {}  # per GPU; made on first use, in the process using it
+
+    def current(self):
+        """A context in which the decoder's allocations and copies go to its own stream."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        if index not in self._streams:
+            self._streams[index] = torch.cuda.Stream(device=index)
+        return torch.cuda.stream(self._streams[index])
+
+    def hand_over(self, images: Iterable[torch.Tensor]) -> None:
+        """Make ``images``, decoded under ``current()``, safe to use and to free on the training stream."""
+        if self.device.type != "cuda":
+            return
+        training = torch.cuda.current_stream(self.device)
+        training.wait_stream(self._streams[training.device.index])
+        for image in images:
+            image.record_stream(training)
+
+
+@dataclass
+class DecodeWait:
+    """How long the host spent inside the decoder's calls, and for how many batches. torchvision's CUDA
+    decode returns only after it has synchronized nvJPEG's stream (a wait that torch's sync debug mode
+    cannot see), so on a GPU this is the host's wait for the decode."""
+
+    seconds: float = 0.0
+    batches: int = 0
+
+
 class BatchDecoder:
     """(EncodedBatch, labels, bad paths) -> (uint8 images (N, 3, S, S) on ``device``, labels, bad paths).
 
@@ -65,6 +125,8 @@ class BatchDecoder:
         self.interpolation = tensor_interpolation(cfg)
         self.image_size, self.val_resize, self.val_crop = cfg.image_size, cfg.val_resize, cfg.val_crop
         self.bad_images = bad_images
+        self.stream = DecodeStream(self.device)
+        self.waited = DecodeWait()
 
     def __call__(self, batch: EncodedBatch, labels: torch.Tensor, bad=()) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         images: list[Optional[torch.Tensor]] = [None] * batch.size
@@ -89,14 +151,25 @@ class BatchDecoder:
         jpegs = batch.jpegs()
         if not jpegs:
             return []
-        try:  # the whole batch in one call: nvJPEG decodes it in parallel on the GPU
-            return [(image, False) for image in _decode_jpegs(jpegs, self.device)]
-        except RuntimeError:  # one bad file fails the whole call; find it
-            return [self._decode_one(data, path) for data, path in zip(jpegs, batch.paths)]
+        self.waited.batches += 1
+        with self.stream.current():  # never on the training stream's memory: see DecodeStream
+            try:  # the whole batch in one call: nvJPEG decodes it in parallel on the GPU
+                results = [(image, False) for image in self._timed_decode(jpegs)]
+            except RuntimeError:  # one bad file fails the whole call; find it
+                results = [self._decode_one(data, path) for data, path in zip(jpegs, batch.paths)]
+        self.stream.hand_over(result[0] for result in results if not isinstance(result, DataError))
+        return results
+
+    def _timed_decode(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        started = time.perf_counter()
+        try:
+            return _decode_jpegs(jpegs, self.device)
+        finally:
+            self.waited.seconds += time.perf_counter() - started
 
     def _decode_one(self, data: torch.Tensor, path: str) -> Union[tuple[torch.Tensor, bool], DataError]:
         try:
-            return _decode_jpegs([data], self.device)[0], False
+            return self._timed_decode([data])[0], False
         except RuntimeError:
             pass
         # PIL has the last word, as in the workers: a file it reads is readable (and comes out upright).
