@@ -112,8 +112,11 @@ def uninterrupted(image_root, tmp_path_factory, finetune):
 def test_a_stop_on_either_side_of_the_switch_resumes_to_the_same_weights_and_rows(
         tiny_config, tmp_path, finetune, uninterrupted, step):
     run = tmp_path / "stopped"
-    with pytest.raises(Preempted):
+    with pytest.raises(Preempted) as stopped:
         fit(tiny_config(*SMALL_STEPS, *finetune, run_dir=run), faults=Faults(sigterm_at_step=step))
+    # The fault's SIGTERM follows step `step`, so the stop is that step's. Any other signal or step is a stop
+    # signal from outside the test: the message names it, which the checkpoint's step alone would not.
+    assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, step), str(stopped.value)
     assert load(run / "last.pt")["global_step"] == step
     fit(tiny_config(*SMALL_STEPS, *finetune, run_dir=run), resume="auto")
     same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
