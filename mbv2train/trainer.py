@@ -44,13 +44,9 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
     dist = init_distributed(device.type, cfg.train.dist_timeout_s)
     stop = StopFlag(announce=dist.is_main).install()
     try:
-        if resume is None and restart_count() > 0:
-            # torchrun restarted the group after a process failed: carry on from where the run got to
-            log(f"torchrun restart {restart_count()}: resuming from the newest checkpoint in "
-                f"{cfg.train.output_dir}", dist.is_main)
-            resume = "auto"
+        if restart_count() > 0:  # torchrun restarted the group after a process failed
             faults = NO_FAULTS  # injected faults belong to the first attempt, which the restart recovers from
-        state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main)
+        state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main, restart_count())
         cfg, note = rescale.keep_global_batch(cfg, state, dist.world_size)
         if note is not None:
             log(note, dist.is_main)
