@@ -20,6 +20,7 @@ from mbv2train.distributed import all_gather_rows, all_reduce_sum, current_rank
 from mbv2train.faults import Faults
 from mbv2train.prefetch import Prefetcher
 from mbv2train.progress import Progress
+from mbv2train.rescale import split_rank_parts
 from mbv2train.step_guard import EmaUpdate, StepGuard
 
 
@@ -93,34 +94,43 @@ class EpochProgress:
         if self.guard is not None:
             self.guard.settle(self)
 
-    def state(self, gather: bool = False) -> dict[str, Any]:
-        """As plain values and CPU tensors. With ``gather`` (a collective: every process calls it), also
-        each process's own part of the sums as ``rank_parts``, one row per rank (float64 holds the float32
-        and integer sums exactly), so that a resumed process continues its own part."""
+    def state(self) -> dict[str, Any]:
+        """As plain values and CPU tensors, with each process's own part of the sums as ``rank_parts``, one
+        row per rank (float64 holds the float32 and integer sums exactly), so that a resumed process
+        continues its own part. A collective under torchrun: every process calls it."""
         self.settle()
         state = {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "guard"},
                  "loss_sum": self.loss_sum.detach().cpu(), "correct": self.correct.detach().cpu()}
-        if gather:
-            mine = torch.stack([self.loss_sum.detach().double(), self.correct.detach().double(),
-                                torch.tensor(float(self.seen), device=self.loss_sum.device, dtype=torch.float64),
-                                torch.tensor(float(self.bad_images), device=self.loss_sum.device,
-                                             dtype=torch.float64)])
-            state["rank_parts"] = all_gather_rows(mine).cpu()
+        state["rank_parts"] = all_gather_rows(_sums_row(self.loss_sum, self.correct, self.seen, self.bad_images)).cpu()
         return state
 
     @classmethod
-    def from_state(cls, state: Optional[dict[str, Any]], device: torch.device, rank: int = 0) -> "EpochProgress":
+    def from_state(cls, state: Optional[dict[str, Any]], device: torch.device, rank: int = 0,
+                   world_size: int = 1) -> "EpochProgress":
+        """The progress process ``rank`` of ``world_size`` continues from: its own part of the saved sums
+        (rescale.split_rank_parts when the number of processes changed), so that the processes' parts add
+        up to the saved epoch's sums once. A checkpoint written before ``rank_parts`` existed holds one
+        process's sums."""
         state = dict(state or {})
         parts = state.pop("rank_parts", None)
         progress = cls(**state)
+        if state and parts is None:
+            parts = _sums_row(progress.loss_sum, progress.correct, progress.seen, progress.bad_images)[None].cpu()
         if parts is not None:
-            loss_sum, correct, seen, bad_images = parts[rank].tolist()
+            loss_sum, correct, seen, bad_images = split_rank_parts(parts, world_size)[rank].tolist()
             progress.loss_sum = torch.tensor(loss_sum, dtype=torch.float32)
             progress.correct = torch.tensor(int(correct), dtype=torch.long)
             progress.seen, progress.bad_images = int(seen), int(bad_images)
         progress.loss_sum = progress.loss_sum.to(device)
         progress.correct = progress.correct.to(device)
         return progress
+
+
+def _sums_row(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, bad_images: int) -> torch.Tensor:
+    """(loss, correct, images seen, bad images) of one process as one float64 row on the sums' device."""
+    as_row = dict(device=loss_sum.device, dtype=torch.float64)
+    return torch.stack([loss_sum.detach().double(), correct.detach().double(),
+                        torch.tensor(float(seen), **as_row), torch.tensor(float(bad_images), **as_row)])
 
 
 @dataclass
@@ -213,7 +223,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
     totals = all_reduce_sum(torch.cat([torch.stack([done.loss_sum.float(), done.correct.float()]), counts]))
     elapsed = time.perf_counter() - started  # after the reduction, which waits for the device
     loss_total, correct_total, seen_total, seen_here_total, bad_total = totals.tolist()
-    metrics = {"train_loss": loss_total / max(seen_total, 1), "lr": done.lr,
+    metrics = {"train_loss": loss_total / max(seen_total, 1), "train_images": int(seen_total), "lr": done.lr,
                "img_per_s": seen_here_total / elapsed, "epoch_time_s": elapsed,
                "data_time_frac": batches.waited / elapsed, "bad_images": int(bad_total),
                "nonfinite_skips": done.nonfinite_skips}

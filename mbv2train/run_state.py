@@ -66,9 +66,10 @@ def restore(state: dict[str, Any], *, model, ema, optimizer, scheduler, scaler) 
         scaler.load_state_dict(state["scaler"])
 
 
-def prepare_resume(resume: Optional[str], run_dir: Path, say: bool) -> Optional[dict[str, Any]]:
+def prepare_resume(resume: Optional[str], run_dir: Path, say: bool, restart: int = 0) -> Optional[dict[str, Any]]:
     """The checkpoint a run continues from (None: a fresh run), after rank 0 (``say``) has finished or
-    undone the checkpoint writes a crash interrupted; every process calls it."""
+    undone the checkpoint writes a crash interrupted; every process calls it. ``restart``: how many times
+    torchrun has restarted the group (restart_state)."""
     from mbv2train.distributed import barrier
     from mbv2train.progress import log
 
@@ -77,6 +78,8 @@ def prepare_resume(resume: Optional[str], run_dir: Path, say: bool) -> Optional[
         for line in ckpt.recover_interrupted_writes(run_dir):
             warn(f"warning: {line}")
     barrier()  # every process then reads the checkpoints rank 0 has put in order
+    if restart:
+        return restart_state(resume, run_dir, restart, warn)
     return find_resume_state(resume, run_dir, warn)
 
 
@@ -89,12 +92,8 @@ def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str]
                                   f"or choose another --output-dir")
         return None
     if resume == "auto":
-        if not run_dir.is_dir():
-            return None
-        state, path, skipped = ckpt.newest_valid_checkpoint(run_dir)
-        for reason in skipped:
-            warn(f"warning: skipping a checkpoint: {reason}")
-        if state is None and skipped:
+        state, path, only_damaged = _newest_in(run_dir, warn)
+        if only_damaged:
             raise CheckpointError(f"no valid checkpoint left in {run_dir} to resume from")
         if path is not None and path.name != ckpt.LAST:
             warn(f"warning: resuming from {path}")
@@ -104,6 +103,37 @@ def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str]
         raise CheckpointError(f"{resume}: not a training checkpoint written by mbv2 train (a bare state dict "
                               f"has no optimizer or schedule to resume)")
     return state
+
+
+def restart_state(resume: Optional[str], run_dir: Path, restart: int, say: Callable[[str], None]
+                  ) -> Optional[dict[str, Any]]:
+    """The checkpoint a group that torchrun restarted continues from, named in one line: the newest in the
+    run dir, or --resume PATH when nothing there is newer. The attempt that failed started from PATH and
+    may have saved since; going back to PATH would overwrite that progress with older weights."""
+    state, path, only_damaged = _newest_in(run_dir, say)
+    if resume not in (None, "auto"):
+        given = find_resume_state(resume, run_dir, say)
+        if state is None or ckpt.position(given) >= ckpt.position(state):
+            state, path = given, Path(resume)
+    elif only_damaged:
+        raise CheckpointError(f"no valid checkpoint left in {run_dir} to resume from")
+    if state is None:
+        say(f"torchrun restart {restart}: no checkpoint in {run_dir} yet; starting afresh")
+    else:
+        say(f"torchrun restart {restart}: resuming from {path}")
+    return state
+
+
+def _newest_in(run_dir: Path, warn: Callable[[str], None]
+               ) -> tuple[Optional[dict[str, Any]], Optional[Path], bool]:
+    """(state, path) of the newest valid checkpoint in ``run_dir`` (None, None when there is none), and
+    whether it holds checkpoints that are all damaged (each named in a warning)."""
+    if not run_dir.is_dir():
+        return None, None, False
+    state, path, skipped = ckpt.newest_valid_checkpoint(run_dir)
+    for reason in skipped:
+        warn(f"warning: skipping a checkpoint: {reason}")
+    return state, path, state is None and bool(skipped)
 
 
 def restore_derived_copies(state: dict[str, Any], run_dir: Path, save_every_epochs: int,

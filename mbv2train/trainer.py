@@ -44,13 +44,9 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
     dist = init_distributed(device.type, cfg.train.dist_timeout_s)
     stop = StopFlag(announce=dist.is_main).install()
     try:
-        if resume is None and restart_count() > 0:
-            # torchrun restarted the group after a process failed: carry on from where the run got to
-            log(f"torchrun restart {restart_count()}: resuming from the newest checkpoint in "
-                f"{cfg.train.output_dir}", dist.is_main)
-            resume = "auto"
+        if restart_count() > 0:  # torchrun restarted the group after a process failed
             faults = NO_FAULTS  # injected faults belong to the first attempt, which the restart recovers from
-        state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main)
+        state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main, restart_count())
         cfg, note = rescale.keep_global_batch(cfg, state, dist.world_size)
         if note is not None:
             log(note, dist.is_main)
@@ -157,11 +153,8 @@ class Run:
             self.epoch, self.global_step = state["epoch"], state["global_step"]
             self.rank_batchnorm = state.get("rank_batchnorm")
             self.best_value, self.best_epoch = state["best_value"], state.get("best_epoch")
-            progress_state = state.get("epoch_progress")
-            if progress_state is not None and progress_state.get("rank_parts") is not None:
-                progress_state = {**progress_state, "rank_parts": rescale.split_rank_parts(
-                    progress_state["rank_parts"], self.dist.world_size)}
-            done = engine.EpochProgress.from_state(progress_state, self.device, self.dist.rank)
+            done = engine.EpochProgress.from_state(state.get("epoch_progress"), self.device, self.dist.rank,
+                                                   self.dist.world_size)
             if say:
                 for line in run_state.restore_derived_copies(state, self.run_dir, cfg.train.save_every_epochs,
                                                              cfg.train.keep_checkpoints):
@@ -299,7 +292,7 @@ class Run:
         Every process calls it: under torchrun a save inside an epoch gathers each process's part of the
         epoch's sums, so that each resumes with its own part and the epoch's totals come out exact."""
         self.last_save = time.monotonic()
-        epoch_progress = done.state(gather=self.dist.enabled) if done is not None else None
+        epoch_progress = done.state() if done is not None else None
         rank_batchnorm = None
         if done is not None and self.dist.enabled:
             # each process's own statistics: an uninterrupted run goes on with them (the epoch's end averages

@@ -1,6 +1,8 @@
 """`mbv2 train`, alone or under torchrun, recording what each process trains on: OUT_DIR/samples_rank{R}.jsonl
-holds one line per training micro-batch with its (epoch, index) pairs, in order, and on rank 0
-OUT_DIR/lr.jsonl one line per optimizer step with the learning rate it used. Used by test_rescale.py:
+holds one line per training micro-batch with its (epoch, index) pairs, in order, OUT_DIR/sums_rank{R}.jsonl
+one line per training micro-batch with its loss summed over its images, its correct predictions and its
+image count, and on rank 0 OUT_DIR/lr.jsonl one line per optimizer step with the learning rate it used.
+Used by test_rescale.py:
 
     python tests/sample_probe.py OUT_DIR train ARGS...
     torchrun --nproc_per_node 2 tests/sample_probe.py OUT_DIR train ARGS...
@@ -12,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from mbv2train import engine, trainer
+from mbv2train import engine, step_guard, trainer
 from mbv2train.cli import app
 from mbv2train.data.loaders import SeededDataset
 
@@ -41,6 +43,17 @@ def main() -> None:
             samples.flush()
         return prepare(self, images, labels)
 
+    add = step_guard.StepGuard.add
+    sums = open(out / f"sums_rank{rank}.jsonl", "a", encoding="utf-8")
+
+    def recording_add(self, loss, logits, labels, count_correct):
+        # what this micro-batch adds to the epoch's sums, read here on its own (a wait the probe can afford)
+        sums.write(json.dumps({"loss_sum": loss.detach().float().item() * len(labels),
+                               "correct": int((logits.detach().argmax(1) == labels).sum()),
+                               "images": len(labels)}) + "\n")
+        sums.flush()
+        add(self, loss, logits, labels, count_correct)
+
     after_step = trainer.Run._after_step
 
     def recording_after_step(self, epoch, global_step, done):
@@ -51,6 +64,7 @@ def main() -> None:
 
     SeededDataset.__getitem__ = recording_getitem
     engine.Runtime.prepare = recording_prepare
+    step_guard.StepGuard.add = recording_add
     trainer.Run._after_step = recording_after_step
     app(args)
 

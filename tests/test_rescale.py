@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,28 @@ import torch
 
 from conftest import TINY_RUN, LineReader
 from mbv2train.config import load_config
+from mbv2train.engine import EpochProgress
 from mbv2train.errors import CheckpointError
 from mbv2train.rescale import keep_global_batch, split_rank_parts
 from mbv2train.tracking import read_metrics
 
 PROBE = Path(__file__).with_name("sample_probe.py")
+# Unreadable training files that data.bad_images: skip replaces: 6 of the 24 samples (image_root's 3 classes
+# of 8, in the order of the dataset's indices), spread so that both parts of a split epoch have some.
+CLASSES = ("circle", "square", "triangle")
+BAD_SAMPLES = {8 * c + n for c in range(3) for n in (1, 6)}
+BAD_FILES = sorted(f"{CLASSES[i // 8]}/{i % 8:03d}.png" for i in BAD_SAMPLES)
+SKIP_BAD = ["data.bad_images=skip", "data.max_bad_fraction=0.5"]
+
+
+@pytest.fixture(scope="module")
+def flawed_root(image_root, tmp_path_factory):
+    """image_root with the BAD_FILES of its training split made unreadable."""
+    root = tmp_path_factory.mktemp("flawed") / "images"
+    shutil.copytree(image_root, root)
+    for name in BAD_FILES:
+        (root / "train" / name).write_text("not an image\n")
+    return root
 
 
 def saved(world_size: int, batch_size: int, accum_steps: int = 1) -> dict:
@@ -59,14 +77,52 @@ def test_the_epoch_sums_of_the_old_processes_go_to_the_first_new_one():
     assert torch.equal(split_rank_parts(parts, 3), torch.tensor([[4.0, 6.0], [0.0, 0.0], [0.0, 0.0]]))
 
 
+def epoch_totals(progresses: list[EpochProgress]) -> tuple[float, int, int, int]:
+    """(loss, correct, images seen, bad images) of an epoch: its processes' parts added up, as its end does."""
+    return (sum(p.loss_sum.item() for p in progresses), sum(int(p.correct) for p in progresses),
+            sum(p.seen for p in progresses), sum(p.bad_images for p in progresses))
+
+
+def resumed_on(state: dict, processes: int) -> list[EpochProgress]:
+    return [EpochProgress.from_state(state, torch.device("cpu"), rank, processes) for rank in range(processes)]
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_a_one_process_epoch_resumed_on_any_number_of_processes_counts_each_image_once(processes):
+    done = EpochProgress(steps=3, loss_sum=torch.tensor(13.5), correct=torch.tensor(5), seen=12, lr=0.1,
+                         bad_images=2, nonfinite_skips=1)
+    resumed = resumed_on(done.state(), processes)
+    assert epoch_totals(resumed) == (13.5, 5, 12, 2)
+    # what every process must agree on is not split
+    assert all((p.steps, p.lr, p.nonfinite_skips) == (3, 0.1, 1) for p in resumed)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_a_checkpoint_older_than_per_process_parts_counts_its_sums_once(processes):
+    old = {"steps": 3, "loss_sum": torch.tensor(13.5), "correct": torch.tensor(5), "seen": 12, "lr": 0.1,
+           "bad_images": 2, "nonfinite_skips": 0, "scaler_skips": 0}
+    assert epoch_totals(resumed_on(old, processes)) == (13.5, 5, 12, 2)
+
+
+@pytest.mark.parametrize("saved_processes, processes", [(2, 1), (2, 2), (2, 3), (3, 2), (4, 2)])
+def test_an_epoch_of_several_processes_resumed_on_any_number_counts_each_image_once(saved_processes, processes):
+    # what a save under torchrun holds: each process's (loss, correct, seen, bad images), rank 0's sums
+    parts = torch.tensor([[1.5 + rank, 2.0 + rank, 6.0, float(rank % 2)] for rank in range(saved_processes)],
+                         dtype=torch.float64)
+    state = {"steps": 3, "loss_sum": torch.tensor(1.5), "correct": torch.tensor(2), "seen": 6, "lr": 0.1,
+             "bad_images": 0, "nonfinite_skips": 0, "scaler_skips": 0, "rank_parts": parts}
+    loss, correct, seen, bad = parts.sum(dim=0).tolist()
+    assert epoch_totals(resumed_on(state, processes)) == (loss, int(correct), int(seen), int(bad))
+
+
 # ------------------------------------------------------------------------ end to end, through sample_probe.py
 
 
-def probed(image_root, run: Path, probe: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+def probed(root, run: Path, probe: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     """One epoch of 24 images (6 steps of a global batch of 4) with ``processes`` processes, recorded by
     sample_probe.py into ``probe``."""
-    args = ["train", "--data", str(image_root), "--output-dir", str(run)]
-    for item in [*TINY_RUN, f"data.batch_size={4 // processes}", "train.epochs=1", "train.tb_images=0"]:
+    args = ["train", "--data", str(root), "--output-dir", str(run)]
+    for item in [*TINY_RUN, *SKIP_BAD, f"data.batch_size={4 // processes}", "train.epochs=1", "train.tb_images=0"]:
         args += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")])}
@@ -86,21 +142,44 @@ def learning_rates(probe: Path) -> dict[int, float]:
     return {row["step"]: row["lr"] for row in map(json.loads, (probe / "lr.jsonl").read_text().splitlines())}
 
 
-def stop_and_resume_elsewhere(image_root, tmp_path, before: int, after: int, stop_fault: str) -> None:
-    whole = probed(image_root, tmp_path / "whole", tmp_path / "probe_whole", before)
+def micro_batch_sums(*probes: Path) -> dict[str, float]:
+    """The loss, correct predictions and images of every micro-batch the processes of these launches trained
+    on, each added once: what the epoch's sums must come to."""
+    rows = [json.loads(line) for probe in probes for path in sorted(probe.glob("sums_rank*.jsonl"))
+            for line in path.read_text().splitlines()]
+    return {key: sum(row[key] for row in rows) for key in ("loss_sum", "correct", "images")}
+
+
+def assert_epoch_sums(row: dict, whole_row: dict, *probes: Path) -> None:
+    """An epoch split over launches reports what its micro-batches add up to, each image once, as the
+    uninterrupted run does."""
+    sums = micro_batch_sums(*probes)
+    assert sums["images"] == 24
+    assert row["train_loss"] == pytest.approx(sums["loss_sum"] / 24, rel=1e-5)
+    assert row["train_top1"] == pytest.approx(sums["correct"] / 24, abs=1e-9)
+    assert row["bad_images"] == whole_row["bad_images"] == len(BAD_FILES)
+    assert row["train_images"] == whole_row["train_images"] == 24
+
+
+def stop_and_resume_elsewhere(root, tmp_path, before: int, after: int, stop_fault: str) -> None:
+    whole = probed(root, tmp_path / "whole", tmp_path / "probe_whole", before)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    [whole_row] = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert_epoch_sums(whole_row, whole_row, tmp_path / "probe_whole")
 
     run = tmp_path / "run"
-    stopped = probed(image_root, run, tmp_path / "probe_1", before, "--fault", stop_fault)
+    stopped = probed(root, run, tmp_path / "probe_1", before, "--fault", stop_fault)
     # 128 + SIGTERM from each process (torchrun itself reports a failed group with 1)
     assert (stopped.returncode == 143 if before == 1 else "exitcode  : 143" in stopped.stderr), stopped.stderr[-3000:]
     assert "stopped by SIGTERM at step 3" in stopped.stdout
     checkpoint = torch.load(run / "last.pt", weights_only=True)
     assert (checkpoint["global_step"], checkpoint["epoch"], checkpoint["world_size"]) == (3, 0, before)
     assert (checkpoint["global_batch"], checkpoint["epoch_position"]) == (4, 12)
+    # the first part's bad images are to count once, not once per new process
+    assert BAD_SAMPLES & set(trained_samples(tmp_path / "probe_1"))
 
     # the same command on another number of processes
-    resumed = probed(image_root, run, tmp_path / "probe_2", after, "--resume", "auto")
+    resumed = probed(root, run, tmp_path / "probe_2", after, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"warning: resuming on {after} process" in resumed.stdout + resumed.stderr
     assert "global batch 4 kept" in resumed.stdout + resumed.stderr
@@ -117,31 +196,32 @@ def stop_and_resume_elsewhere(image_root, tmp_path, before: int, after: int, sto
     assert all(lr_split[step] == lr_whole[step] for step in lr_whole)
     [row] = read_metrics(run / "metrics.jsonl")
     assert (row["epoch"], row["step"], row["world_size"], row["global_batch"]) == (1, 6, after, 4)
+    assert_epoch_sums(row, whole_row, tmp_path / "probe_1", tmp_path / "probe_2")
 
 
 @pytest.mark.slow
-def test_two_processes_stopped_mid_epoch_resume_on_one_training_each_remaining_sample_once(image_root, tmp_path):
+def test_two_processes_stopped_mid_epoch_resume_on_one_training_each_remaining_sample_once(flawed_root, tmp_path):
     # under torchrun every process sends itself SIGTERM after step 2; they agree and stop after step 3
-    stop_and_resume_elsewhere(image_root, tmp_path, before=2, after=1, stop_fault="sigterm_at_step=2")
+    stop_and_resume_elsewhere(flawed_root, tmp_path, before=2, after=1, stop_fault="sigterm_at_step=2")
 
 
 @pytest.mark.slow
-def test_one_process_stopped_mid_epoch_resumes_on_two_training_each_remaining_sample_once(image_root, tmp_path):
-    stop_and_resume_elsewhere(image_root, tmp_path, before=1, after=2, stop_fault="sigterm_at_step=3")
+def test_one_process_stopped_mid_epoch_resumes_on_two_training_each_remaining_sample_once(flawed_root, tmp_path):
+    stop_and_resume_elsewhere(flawed_root, tmp_path, before=1, after=2, stop_fault="sigterm_at_step=3")
 
 
 @pytest.mark.slow
 def test_a_torchrun_job_stopped_by_sigterm_to_its_group_resumes_on_one_process_training_each_sample_once(
-        image_root, tmp_path):
+        flawed_root, tmp_path):
     # What a scheduler does: SIGTERM to the job's process group, here torchrun's, which hands it on to its
     # workers; they agree on a step, save and stop. Each step of that run is slowed (sleep_per_step) so that the
     # signal, sent once step 1 is done, lands well inside the epoch's 6 steps.
-    whole = probed(image_root, tmp_path / "whole", tmp_path / "probe_whole", 1)
+    whole = probed(flawed_root, tmp_path / "whole", tmp_path / "probe_whole", 1)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     run, probe = tmp_path / "run", tmp_path / "probe_1"
-    args = ["train", "--data", str(image_root), "--output-dir", str(run), "--fault", "sleep_per_step=0.3"]
-    for item in [*TINY_RUN, "data.batch_size=2", "train.epochs=1", "train.tb_images=0"]:
+    args = ["train", "--data", str(flawed_root), "--output-dir", str(run), "--fault", "sleep_per_step=0.3"]
+    for item in [*TINY_RUN, *SKIP_BAD, "data.batch_size=2", "train.epochs=1", "train.tb_images=0"]:
         args += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")])}
@@ -163,7 +243,7 @@ def test_a_torchrun_job_stopped_by_sigterm_to_its_group_resumes_on_one_process_t
     assert 1 <= steps < 6 and checkpoint["epoch"] == 0  # stopped inside the epoch
     assert checkpoint["epoch_position"] == 4 * steps
 
-    resumed = probed(image_root, run, tmp_path / "probe_2", 1, "--resume", "auto")
+    resumed = probed(flawed_root, run, tmp_path / "probe_2", 1, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at epoch 1, step {steps}/6" in resumed.stdout
     first, rest = trained_samples(probe), trained_samples(tmp_path / "probe_2")
@@ -173,3 +253,5 @@ def test_a_torchrun_job_stopped_by_sigterm_to_its_group_resumes_on_one_process_t
     lr_split = {**learning_rates(probe), **learning_rates(tmp_path / "probe_2")}
     assert sorted(lr_split) == sorted(lr_whole) == [1, 2, 3, 4, 5, 6]
     assert all(lr_split[step] == lr_whole[step] for step in lr_whole)
+    [row], [whole_row] = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert_epoch_sums(row, whole_row, probe, tmp_path / "probe_2")

@@ -25,6 +25,7 @@ def test_run_dir_holds_config_metrics_checkpoints_and_tensorboard(tiny_config, t
         assert all(0 <= row[k] <= 1 for k in ("val_top1", "val_top5", "train_top1"))
         assert row["val_images"] == 12
         assert (row["world_size"], row["global_batch"]) == (1, 8)  # one process, data.batch_size 8
+        assert row["train_images"] == 24  # 3 steps x the global batch of 8
         assert math.isfinite(row["train_loss"]) and row["img_per_s"] > 0
     assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
