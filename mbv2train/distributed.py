@@ -63,6 +63,11 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     return info
 
 
+def launched_rank() -> int:
+    """This process's global rank as torchrun gave it (0 outside torchrun), known before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def restart_count() -> int:
     """How many times torchrun has restarted the worker group (0 for the first attempt, and outside
     torchrun): a restarted group continues from its newest checkpoint."""

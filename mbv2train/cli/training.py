@@ -11,10 +11,12 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import ConfigOption, DataOption, SetOption, app, reports_user_errors
+from mbv2train.run_status import records_run_status
 
 
 @app.command()
 @reports_user_errors
+@records_run_status
 def train(
     config: ConfigOption = None,
     data: DataOption = None,
@@ -28,6 +30,9 @@ def train(
         help="On resume, accept a change to this config key on purpose (repeatable); it is recorded "
              "in metrics.jsonl.")] = None,
     fault: Annotated[Optional[list[str]], typer.Option(hidden=True)] = None,
+    status_file: Annotated[Optional[Path], typer.Option(
+        hidden=True, help="Write how the run ended here (one line of JSON) for a job script; a stop by a "
+                          "signal then exits 0 (scripts/slurm/train.sbatch).")] = None,
 ) -> None:
     """Train MobileNetV2 on an ImageNet-style folder (one subfolder per class).
 
