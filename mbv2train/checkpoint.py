@@ -11,14 +11,13 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torchvision
 
-from mbv2train import __version__
+from mbv2train import __version__, atomic_files
 from mbv2train.errors import CheckpointError
 from mbv2train.faults import NO_FAULTS, Faults, die_mid_write
 
@@ -81,7 +80,7 @@ def _atomic_write(path: Path, write, keep_previous: Optional[Path] = None, fault
         faults.crash_at("after_previous")
         os.replace(tmp, path)
         faults.crash_at("after_rename")
-        _fsync_dir(path.parent)  # make the renames themselves survive a power cut
+        atomic_files.fsync_dir(path.parent)  # make the renames themselves survive a power cut
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         # torch.save reports a full disk as RuntimeError, not OSError
@@ -92,11 +91,10 @@ def _atomic_write(path: Path, write, keep_previous: Optional[Path] = None, fault
         raise
 
 
-def _temp_file(path: Path) -> tuple[int, str]:
-    """An open temp file beside ``path`` whose name says what it is for (.NAME.RANDOM.tmp)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; checkpoints get the usual mode
-    return fd, tmp
+def _temp_file(path: Path) -> tuple[int, Path]:
+    """An open temp file beside ``path`` whose name says what it is for (.NAME.RANDOM.tmp), with the mode the
+    umask gives (recover_interrupted_writes finds them by that name)."""
+    return atomic_files.temp_file_beside(path, TEMP_SUFFIX)
 
 
 def _keep_copy(source: Path, dest: Path) -> None:
@@ -117,14 +115,6 @@ def _keep_copy(source: Path, dest: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _target_of(temp: Path) -> str:
@@ -157,7 +147,7 @@ def recover_interrupted_writes(run_dir: Path) -> list[str]:
             if current is not None:  # a damaged last.pt must not push out a good previous.pt
                 _keep_copy(last, run_dir / PREVIOUS)
             os.replace(temp, last)
-            _fsync_dir(run_dir)
+            atomic_files.fsync_dir(run_dir)
             messages.append(f"recovered {temp}, a complete checkpoint whose rename was interrupted, as {last}")
         else:
             temp.unlink(missing_ok=True)
@@ -194,12 +184,6 @@ def newest_valid_checkpoint(run_dir: Path) -> tuple[Optional[dict[str, Any]], Op
             return state, path, skipped
         skipped.append(f"not a training checkpoint: {path}")
     return None, None, skipped
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

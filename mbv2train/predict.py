@@ -48,10 +48,13 @@ class Prediction:
 
 def find_images(paths: Sequence[Path]) -> list[str]:
     """The files named and the images under the folders named, in the order given (each folder's in
-    sorted order, hidden folders left out, as ImageFolder orders a split); a file named twice counts once.
+    sorted order, hidden folders left out, as ImageFolder orders a split).
 
-    A file named explicitly is taken whatever its extension (its reading decides); DataError for a path
-    that does not exist or a folder without images."""
+    Symbolic links are followed, but each folder is listed once and each file is taken once, under the first
+    name met: a link back to a parent folder ends there instead of repeating the tree below it, and two
+    names of one image (links, or a file named twice) are one prediction. A file named explicitly is taken
+    whatever its extension (its reading decides); DataError for a path that does not exist or a folder
+    without images."""
     found: list[str] = []
     for path in paths:
         if path.is_dir():
@@ -63,13 +66,34 @@ def find_images(paths: Sequence[Path]) -> list[str]:
             found.append(str(path))
         else:
             raise DataError(f"no such file or folder: {path}")
-    return list(dict.fromkeys(found))
+    first_name = {}
+    for name in found:
+        first_name.setdefault(_identity(name), name)
+    return list(first_name.values())
+
+
+def _identity(path: str):
+    """What two names of one file or folder share: its device and inode (the name itself for a link that
+    leads nowhere, which the loader then reports as unreadable)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return path
+    return stat.st_dev, stat.st_ino
 
 
 def _images_under(folder: Path) -> list[str]:
     images = []
+    listed = {_identity(str(folder))}
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        # pruned before the walk goes down: a folder met again (through a link) is not listed again
+        unseen = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            identity = _identity(os.path.join(root, name))
+            if identity not in listed:
+                listed.add(identity)
+                unseen.append(name)
+        dirs[:] = unseen
         images += [os.path.join(root, name) for name in sorted(files) if is_image_file(name)]
     return images
 

@@ -2,10 +2,13 @@
 state dict, or an mbv2 checkpoint (its EMA weights with model.pretrained_ema).
 
 A run that starts from one builds its model as usual, then takes every backbone tensor from the file. The
-backbone must fit exactly (a width that differs is an error naming both); a classifier for another number
-of classes keeps the model's own fresh initialization. The file's SHA-256 goes into the run's config
-(model.pretrained_sha256), so config.yaml and every checkpoint say which file the run started from, and a
-config that names a hash refuses any other file. Files are read with ``weights_only=True``.
+backbone must fit exactly (a width that differs is an error naming both). An mbv2 checkpoint knows its class
+names, so its classifier rows go to the data's classes of the same names, and the data's other classes keep
+the rows of the model's own fresh initialization; a state dict knows only its number of classes, so its
+classifier is taken whole when that number is the data's and left at the fresh initialization otherwise.
+The file's SHA-256 goes into the run's config (model.pretrained_sha256), so config.yaml and every checkpoint
+say which file the run started from, and a config that names a hash refuses any other file. Files are
+read with ``weights_only=True``.
 
 torchvision's weights come through torchvision's own API and cache ($TORCH_HOME/hub/checkpoints): a file
 already there is read without any network access; a missing one is downloaded, and when that fails the
@@ -17,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -34,6 +37,7 @@ __all__ = ["Source", "LoadReport", "read", "resolve_config", "load_into", "torch
 COMMON_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 LAST_BLOCK = "features.17.conv.2.weight"  # the 320-channel projection (at width 1) of the paper's last stage
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, in a state dict saved through them
+NAMES_SHOWN = 5  # classes initialized fresh that the log line names
 
 
 @dataclass
@@ -46,24 +50,33 @@ class Source:
     weights: dict[str, torch.Tensor]
     width_mult: Optional[float]  # the width they were trained at; None when no width tried fits them
     round_nearest: int
+    classes: Optional[list[str]] = None  # the class of each classifier row; None for a bare state dict
 
 
 @dataclass
 class LoadReport:
     """What load_into took from the file and what it left at the model's initialization, for the log."""
 
-    loaded: int  # tensors taken from the file
+    loaded: int  # tensors taken whole from the file
     reinitialized: list[str]  # the model's keys left at their fresh initialization
     source_classes: int
     model_classes: int
+    kept_rows: Optional[int] = None  # classifier rows matched by class name; None: no names to match
+    fresh_classes: Sequence[str] = ()  # the data's classes the file has no row for
 
     def line(self, source: Source) -> str:
         where = f"{source.name} ({source.file}, " if source.name in PRETRAINED_TAGS else f"{source.file} ("
         what = f"pretrained: {where}sha256 {source.sha256[:12]}...): loaded {self.loaded} tensors"
+        counts = f"{self.source_classes} classes in the file, {self.model_classes} in the data"
+        if self.kept_rows is not None:
+            named = ", ".join(self.fresh_classes[:NAMES_SHOWN])
+            if len(self.fresh_classes) > NAMES_SHOWN:
+                named += f", ... ({len(self.fresh_classes) - NAMES_SHOWN} more)"
+            return (f"{what}; classifier rows matched by class name: {self.kept_rows} kept, "
+                    f"{len(self.fresh_classes)} initialized fresh ({named + '; ' if named else ''}{counts})")
         if not self.reinitialized:
             return f"{what}, nothing re-initialized"
-        return (f"{what}; re-initialized {', '.join(self.reinitialized)} ({self.source_classes} classes in the "
-                f"file, {self.model_classes} in the data)")
+        return f"{what}; re-initialized {', '.join(self.reinitialized)} ({counts})"
 
 
 def torchvision_file(tag: str) -> tuple[Any, Path]:
@@ -117,7 +130,16 @@ def read(model_cfg: ModelConfig, show_progress: bool = True) -> Source:
     if width is None:
         width = _width_that_fits(weights, round_nearest)
     return Source(name=name, file=path, sha256=sha256, weights=weights, width_mult=width,
-                  round_nearest=round_nearest)
+                  round_nearest=round_nearest, classes=_class_names_of(content, weights))
+
+
+def _class_names_of(content: Any, weights: dict[str, torch.Tensor]) -> Optional[list[str]]:
+    """The class of each classifier row, from a training checkpoint that records one name per row."""
+    names = content.get("class_names") if ckpt.is_training_checkpoint(content) else None
+    rows = weights[f"{HEAD}.1.weight"].shape[0]
+    if isinstance(names, list) and len(names) == rows and all(isinstance(n, str) for n in names):
+        return names
+    return None
 
 
 def _weights_of(content: Any, path: Path, model_cfg: ModelConfig
@@ -212,10 +234,14 @@ def _with_model(cfg: Config, **changes) -> Config:
 
 
 @torch.no_grad()
-def load_into(model: MobileNetV2, source: Source) -> LoadReport:
-    """Copy ``source``'s weights into ``model`` (built at the width resolve_config settled): the whole
-    backbone, and the classifier when it has the model's number of classes; otherwise the classifier keeps
-    the model's own initialization."""
+def load_into(model: MobileNetV2, source: Source, classes: Optional[Sequence[str]] = None) -> LoadReport:
+    """Copy ``source``'s weights into ``model`` (built at the width resolve_config settled, freshly
+    initialized): the whole backbone, then the classifier.
+
+    With class names on both sides (``classes``: the model's, in row order), each class the file has keeps
+    its row, wherever it is in the file; the rows of the other classes stay as initialized. Without them,
+    the classifier is taken whole when it has the model's number of classes, and left as initialized
+    otherwise (the same number of classes is no sign of the same classes, but it is all a state dict says)."""
     target = model.state_dict()
     # BatchNorm's batch counters are absent from older files; the model's own (zero) then stay
     missing = [k for k in target if k not in source.weights and not k.endswith("num_batches_tracked")]
@@ -228,9 +254,22 @@ def load_into(model: MobileNetV2, source: Source) -> LoadReport:
     if misfits:  # resolve_config checked the width; a round_nearest that differs ends here
         raise CheckpointError(f"model.pretrained: {source.file} does not fit this model: {misfits[0]}")
     head = [k for k in target if k.startswith(HEAD + ".")]
+    counts = {"source_classes": int(source.weights[f"{HEAD}.1.weight"].shape[0]),
+              "model_classes": int(target[f"{HEAD}.1.weight"].shape[0])}
+    taken = {k: v for k, v in source.weights.items() if not k.startswith(HEAD + ".")}
+    if source.classes is not None and classes is not None:
+        row_in_file = {name: row for row, name in enumerate(source.classes)}
+        kept = [(row, row_in_file[name]) for row, name in enumerate(classes) if name in row_in_file]
+        rows = {k: target[k].clone() for k in head}  # the fresh initialization, for the classes not kept
+        if kept:
+            model_rows, file_rows = (torch.tensor(side) for side in zip(*kept))
+            for k in head:
+                rows[k][model_rows] = source.weights[k][file_rows].to(rows[k].dtype)
+        model.load_state_dict({**target, **taken, **rows})
+        return LoadReport(loaded=len(taken), reinitialized=[], kept_rows=len(kept),
+                          fresh_classes=[name for name in classes if name not in row_in_file], **counts)
     head_fits = all(source.weights[k].shape == target[k].shape for k in head)
-    taken = {k: v for k, v in source.weights.items() if head_fits or not k.startswith(HEAD + ".")}
+    if head_fits:
+        taken.update({k: source.weights[k] for k in head})
     model.load_state_dict({**target, **taken})
-    return LoadReport(loaded=len(taken), reinitialized=[] if head_fits else head,
-                      source_classes=int(source.weights[f"{HEAD}.1.weight"].shape[0]),
-                      model_classes=int(target[f"{HEAD}.1.weight"].shape[0]))
+    return LoadReport(loaded=len(taken), reinitialized=[] if head_fits else head, **counts)

@@ -85,7 +85,7 @@ class Run:
         torch.manual_seed(rng.derive_seed(cfg.train.seed, rng.INIT))
         self.model = build_model(cfg.model)
         if source is not None:  # before the EMA copies the model
-            log(pretrained.load_into(self.model, source).line(source), self.say)
+            log(pretrained.load_into(self.model, source, self.loaders.classes).line(source), self.say)
         if cfg.train.sync_bn:  # before the EMA copies the model and the optimizer takes its parameters
             self.model = synchronize_batchnorm(self.model, device.type, dist.world_size,
                                                lambda message: log(message, self.say))

@@ -20,6 +20,17 @@ def cli():
 
 
 @pytest.fixture
+def shared_umask():
+    """The umask 027 for the test (the group may read new files, others nothing); gives the mode a new file
+    then has, 0640. mkstemp's files are 0600 whatever the umask, so this tells the two apart."""
+    import os
+
+    before = os.umask(0o027)
+    yield 0o640
+    os.umask(before)
+
+
+@pytest.fixture
 def write_yaml(tmp_path):
     """Write text to a YAML file in tmp_path and return its path."""
 

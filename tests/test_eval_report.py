@@ -3,6 +3,7 @@ TensorBoard (train.tb_per_class)."""
 
 import csv
 import json
+import stat
 import sys
 
 import pytest
@@ -61,10 +62,13 @@ def test_per_class_shows_a_known_confusion(cli, colour_run):
         ["circle", "4", "0.0000"], ["square", "4", "1.0000"], ["triangle", "4", "1.0000"]]
 
 
-def test_report_writes_the_known_confusion_to_csv_and_a_png(cli, colour_run, tmp_path):
+def test_report_writes_the_known_confusion_to_csv_and_a_png(cli, colour_run, tmp_path, shared_umask):
     root, ckpt = colour_run
     out = eval_json(cli, "--ckpt", ckpt, "--report", tmp_path / "report")
     assert out["report"]["files"] == ["per_class.csv", "confusion.csv", "confusion.png"]
+    # for others to read as any file the user makes
+    assert {name: stat.S_IMODE((tmp_path / "report" / name).stat().st_mode) for name in out["report"]["files"]} == \
+           {name: shared_umask for name in out["report"]["files"]}
     assert out["per_class"][0]["top1"] == 0.0  # --report implies --per-class
 
     with open(tmp_path / "report" / "confusion.csv", newline="") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from mbv2train import data, engine
 from mbv2train.evaluation import EvalRequest, load_model
 
 FORMATS = ["onnx", "torchscript", "pt2", "torchvision", "executorch"]
+SIDECAR = ("torchvision", "executorch")  # formats whose metadata goes into a JSON file beside them
 KEYS = {"mbv2.classes", "mbv2.mean", "mbv2.std", "mbv2.resize", "mbv2.crop", "mbv2.interpolation",
         "mbv2.checkpoint_sha256", "mbv2.version"}
 
@@ -226,6 +228,20 @@ def test_torchscript_and_pt2_keep_the_metadata_in_their_extra_files(cli, trained
     program = torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra)
     assert extra["mbv2.interpolation"] == "bilinear"
     assert program.module()(torch.zeros(5, 3, 32, 32)).shape == (5, 10)  # any batch
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "torchvision"])
+def test_an_export_and_its_json_have_the_mode_the_umask_gives(cli, trained_digits, tmp_path, fmt, shared_umask):
+    """Not the 0600 of a private temp file: a service that runs the model under another account of the
+    group reads them. Every format goes through the same temp file and rename; these two are the quick ones
+    (torchvision's has a JSON file beside it)."""
+    needs(fmt)
+    root, ckpt = trained_digits
+    out = tmp_path / "exported" / f"model.{fmt}"
+    export_json(cli, "--ckpt", ckpt, "--format", fmt, "--output", out, "--images", "8")
+    written = sorted((tmp_path / "exported").iterdir())
+    assert [p.name for p in written] == [out.name] + ([out.name + ".json"] if fmt in SIDECAR else [])
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {p.name: shared_umask for p in written}
 
 
 def test_an_export_that_disagrees_with_pytorch_exits_1_and_keeps_the_file_already_there(

@@ -182,11 +182,12 @@ def test_fine_tuning_a_demo_checkpoint_on_five_digits_beats_random_init_after_on
     source = tmp_path / "demo_run"
     quiet = ["train.tb_images=0", "train.log_every_steps=1000"]
     fit(load_config(DEMO_CONFIG, [*quiet, f"data.root={digits}", f"train.output_dir={source}", *PRETRAIN]))
-    # the new task: five of the digits, a new five-class head
+    # the new task: five of the digits under new names, so that the checkpoint has none of their classifier
+    # rows (its classes "0" to "9" would keep theirs) and the head is a new five-class one
     five = tmp_path / "five"
     for split in ("train", "val"):
         for name in NEW_CLASSES:
-            shutil.copytree(digits / split / name, five / split / name)
+            shutil.copytree(digits / split / name, five / split / f"new_{name}")
     top1 = {}
     for start_from in ("pretrained", "random"):
         pretrained = [f"model.pretrained={source / 'last.pt'}"] if start_from == "pretrained" else []

@@ -186,3 +186,50 @@ def test_predict_bad_input_exits_2_with_one_line(cli, digits, tmp_path, args, me
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: " + message.format(tmp=tmp_path)), lines
     assert result.stdout == ""
+
+
+@pytest.fixture
+def listings(tmp_path, monkeypatch):
+    """The real paths of the folders under tmp_path that were listed, in order; a walk that lists more than
+    100 of them (one that follows a symlink loop) stops with an error instead of running for ever."""
+    import os
+
+    listed = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path="."):
+        real = os.path.realpath(path)
+        if real.startswith(os.path.realpath(tmp_path)):
+            listed.append(real)
+            if len(listed) > 100:
+                raise RuntimeError(f"listed {len(listed)} folders; the last: {path}")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    return listed
+
+
+def test_symlinks_lead_to_each_folder_once_and_each_image_is_predicted_once(cli, digits, tmp_path, listings):
+    """Two loops (a folder linked to its parent, one to itself), a second name for a folder, and two more
+    names for one image: every folder is listed once, every image file (whatever its names) predicted
+    once, under the name the walk meets first."""
+    root, ckpt = digits
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    (photos / "c").mkdir()
+    first, second = sorted((root / "val" / "3").iterdir())[:2]
+    shutil.copy(first, photos / "y.png")
+    shutil.copy(second, photos / "a" / "x.png")
+    (photos / "a" / "up").symlink_to("..")
+    (photos / "a" / "here").symlink_to(".")
+    (photos / "b").symlink_to("a")
+    (photos / "c" / "x_again.png").symlink_to("../a/x.png")
+    (photos / "c" / "x_once_more.png").symlink_to("../a/x.png")
+
+    results, _ = predict_json(cli, "--ckpt", ckpt, "--topk", "1", photos)
+    assert [r["path"] for r in results] == [str(photos / "y.png"), str(photos / "a" / "x.png")]
+    assert sorted(listings) == sorted(str((photos / d).resolve()) for d in ("", "a", "c"))
+
+    # named on the command line, two names of one file are one image too
+    results, _ = predict_json(cli, "--ckpt", ckpt, "--topk", "1", photos / "c" / "x_again.png", photos / "a" / "x.png")
+    assert [r["path"] for r in results] == [str(photos / "c" / "x_again.png")]

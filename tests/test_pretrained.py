@@ -155,6 +155,61 @@ def test_a_checkpoint_source_gives_its_weights_or_its_ema_weights(tiny_config, t
     assert not torch.equal(ema["features.0.0.weight"], saved["model"]["features.0.0.weight"])
 
 
+def test_a_state_dict_of_as_many_classes_gives_its_classifier_whole(tiny_config, tmp_path, capsys):
+    """A bare state dict has no class names: a classifier of the data's number of classes is taken as it is."""
+    file = torchvision_weights(tmp_path / "tv.pth", num_classes=3)
+    run = build_run(tiny_config(f"model.pretrained={file}"))
+    assert "loaded 314 tensors, nothing re-initialized" in capsys.readouterr().out
+    assert_same(run.model.state_dict(), torch.load(file, weights_only=True))
+    fresh = build_run(tiny_config(run_dir=tmp_path / "fresh")).model.state_dict()
+    assert not torch.equal(run.model.state_dict()[HEAD_KEYS[0]], fresh[HEAD_KEYS[0]])
+
+
+@pytest.fixture(scope="module")
+def shapes_checkpoint(image_root, tmp_path_factory):
+    """last.pt of a one-epoch run on the classes circle, square and triangle."""
+    run = tmp_path_factory.mktemp("shapes") / "run"
+    fit(load_config(None, [*TINY_RUN, f"data.root={image_root}", f"train.output_dir={run}", "train.epochs=1"]))
+    return run / "last.pt"
+
+
+@pytest.mark.parametrize("classes, kept", [
+    (["apple", "mango", "zebra"], {}),
+    (["square", "triangle", "zebra"], {"square": 1, "triangle": 2}),
+    (["circle", "triangle"], {"circle": 0, "triangle": 2}),
+    (["apple", "circle", "square", "triangle"], {"circle": 0, "square": 1, "triangle": 2}),
+    (["circle", "square", "triangle"], {"circle": 0, "square": 1, "triangle": 2}),
+], ids=["same_count_other_names", "shifted", "subset", "superset", "same_classes"])
+def test_a_checkpoints_classifier_rows_go_to_the_classes_of_the_same_name(shapes_checkpoint, tmp_path, capsys,
+                                                                         classes, kept):
+    """``kept``: the data's classes found in the checkpoint (circle, square, triangle), with their row there.
+    The other classes' rows are those a run from random init starts with (same seed)."""
+    root = make_image_folder(tmp_path / "data", classes=classes, train_per_class=2, val_per_class=1)
+    data = [*TINY_RUN, f"data.root={root}", "data.batch_size=2"]
+    run = build_run(load_config(None, [*data, f"model.pretrained={shapes_checkpoint}",
+                                       f"train.output_dir={tmp_path / 'run'}"]))
+    out = capsys.readouterr().out
+    fresh = build_run(load_config(None, [*data, f"train.output_dir={tmp_path / 'fresh'}"])).model.state_dict()
+    saved = torch.load(shapes_checkpoint, weights_only=True)["model"]
+    weights = run.model.state_dict()
+    assert_same(backbone(weights), backbone(saved))
+    for key in HEAD_KEYS:
+        assert weights[key].shape[0] == len(classes)
+        for row, name in enumerate(classes):
+            if name in kept:
+                assert not torch.equal(saved[key][kept[name]], fresh[key][row])  # the file's row is another
+                assert torch.equal(weights[key][row], saved[key][kept[name]]), (key, name)
+            else:
+                assert torch.equal(weights[key][row], fresh[key][row]), (key, name)
+    fresh_names = [name for name in classes if name not in kept]
+    assert (f"loaded 312 tensors; classifier rows matched by class name: {len(kept)} kept, "
+            f"{len(fresh_names)} initialized fresh (") in out
+    assert f"3 classes in the file, {len(classes)} in the data)" in out
+    assert "nothing re-initialized" not in out
+    if fresh_names:
+        assert f"initialized fresh ({', '.join(fresh_names)}; 3 classes" in out
+
+
 def test_the_run_records_the_source_and_its_hash_in_config_and_checkpoints(cli, image_root, tmp_path):
     file = torchvision_weights(tmp_path / "tv.pth")
     run = tmp_path / "run"

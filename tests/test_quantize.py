@@ -153,3 +153,42 @@ def test_eval_refuses_ema_choice_and_cuda_for_an_int8_file(cli, quantized):
     for args, message in ((["--ema"], "holds one set of weights"), (["--device", "cuda"], "run on the CPU")):
         result = cli("eval", "--ckpt", out, "--data", root, *args)
         assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_the_int8_file_replaces_the_one_there_only_once_it_is_scored(trained_digits, tmp_path, monkeypatch,
+                                                                     shared_umask):
+    """A run stopped while it scores the int8 model (here, Ctrl-C) leaves the file that was there; a run
+    that ends writes its file, with the mode the umask gives."""
+    import stat
+    from pathlib import Path
+
+    from mbv2train.deploy import int8file, quantize
+
+    root, ckpt = trained_digits
+    out = tmp_path / "digits.int8.pt"
+    out.write_bytes(b"an earlier int8 file")
+    scored, real_scores = [], quantize._scores
+
+    def scores(req, val_dir):
+        scored.append((Path(req.ckpt), out.read_bytes()))
+        if len(scored) == 2 and interrupt:
+            raise KeyboardInterrupt
+        return real_scores(req, val_dir)
+
+    monkeypatch.setattr(quantize, "_scores", scores)
+    request = quantize.QuantizeRequest(ckpt=ckpt, data=root, calibration_images=16, output=out)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        quantize.run_quantize(request)
+    assert out.read_bytes() == b"an earlier int8 file"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp file left
+
+    interrupt, scored = False, []
+    report = quantize.run_quantize(request)
+    [(float_ckpt, _), (int8_scored, while_scored)] = scored
+    assert float_ckpt == ckpt and int8_scored != out
+    assert while_scored == b"an earlier int8 file"  # not replaced before it was scored
+    assert report["output"] == str(out) and report["int8"]["bytes"] == out.stat().st_size
+    assert int8file.is_int8_file(torch.load(out, weights_only=True))
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert stat.S_IMODE(out.stat().st_mode) == shared_umask

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mbv2train import atomic_files
 from mbv2train.deploy import extras, metadata, runtimes, verify
 from mbv2train.deploy.source import ModelSource, load_source, real_images
 from mbv2train.errors import ConfigError
@@ -87,8 +86,8 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = lambda line: Non
         native["torchvision"] = torchvision_builder(src)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_beside(output)
-    try:
+    # some exporters go by the file's suffix: the temp file has the output's
+    with atomic_files.replacing(output, suffix="".join(output.suffixes[-1:])) as temp:
         log(f"exporting {req.ckpt} ({'int8' if src.quantized else 'float'}, {src.image_size} px) as {req.format}")
         WRITERS[req.format](src, temp, fixed_batch, native)
         log(f"checking it in {runtimes.RUNTIME_NAMES[req.format]} on {len(images)} images from {val_dir}")
@@ -96,33 +95,14 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = lambda line: Non
         if not check.passed:
             raise verify.ExportMismatch(f"{req.format} export of {req.ckpt} disagrees with PyTorch: {check.describe()}; "
                                         f"nothing was written to {output}")
-        os.replace(temp, output)
-    finally:
-        temp.unlink(missing_ok=True)
     written = [output]
     if req.format in SIDECAR:
         sidecar = sidecar_of(output)
-        _write_text_atomic(sidecar, json.dumps(native, indent=2) + "\n")
+        atomic_files.write_text(sidecar, json.dumps(native, indent=2) + "\n")
         written.append(sidecar)
     return {"format": req.format, "path": str(output), "bytes": output.stat().st_size,
             "max_abs_diff": check.max_abs_diff, "top1_agreement": check.top1_agreement, "images": check.images,
             "quantized": src.quantized, "tolerance": check.tolerance, "files": [str(p) for p in written]}
-
-
-def _temp_beside(path: Path) -> Path:
-    """A fresh name in the output's folder with the output's suffix (some exporters go by the suffix)."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-1:]), dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temp = _temp_beside(path)
-    try:
-        temp.write_text(text)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _exported(src: ModelSource, fixed_batch: Optional[int]) -> torch.export.ExportedProgram:

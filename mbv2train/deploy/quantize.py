@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from mbv2train import data, engine
+from mbv2train import atomic_files, data, engine
 from mbv2train.deploy import extras, int8file
 from mbv2train.deploy.source import ModelSource, load_source, prepared_batches, real_images
 from mbv2train.errors import ConfigError, DataError
@@ -83,13 +83,16 @@ def run_quantize(req: QuantizeRequest, log: Callable[[str], None] = lambda line:
 
     info = {"class_names": src.classes, "config": src.cfg.to_dict(), "ema": src.ema, "backend": req.backend,
             "calibration_images": sum(len(b) for b in calibration), "source_checkpoint_sha256": src.sha256}
-    int8_bytes = int8file.save(output, program, **info)
-    with tempfile.TemporaryDirectory() as scratch:  # the float model in the same container, to compare sizes
-        float_bytes = int8file.save(Path(scratch) / "float.pt", float_program, **info)
+    # scored from a file beside the output, which takes the output's name only once it has been scored: a run
+    # that stops before leaves the file that was there
+    with atomic_files.replacing(output, suffix=".pt") as scored:
+        int8_bytes = int8file.save(scored, program, **info)
+        with tempfile.TemporaryDirectory() as scratch:  # the float model in the same container, to compare sizes
+            float_bytes = int8file.save(Path(scratch) / "float.pt", float_program, **info)
 
-    log(f"scoring the float and int8 models on {val_dir}")
-    float_scores = _scores(EvalRequest(ckpt=req.ckpt, ema=src.ema, device="cpu"), val_dir)
-    int8_scores = _scores(EvalRequest(ckpt=output, device="cpu"), val_dir)  # loaded back as mbv2 eval loads it
+        log(f"scoring the float and int8 models on {val_dir}")
+        float_scores = _scores(EvalRequest(ckpt=req.ckpt, ema=src.ema, device="cpu"), val_dir)
+        int8_scores = _scores(EvalRequest(ckpt=scored, device="cpu"), val_dir)  # loaded back as mbv2 eval loads it
     images = _timing_images(src, req.data)
     log("timing both on the CPU (PyTorch, batch 1 and 32)")
     float_speed = _speed(src.model, images)
