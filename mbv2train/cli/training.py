@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mbv2train.cli.app import ConfigOption, DataOption, SetOption, app, reports_user_errors
+from mbv2train.cli.app import ConfigOption, DataOption, SetOption, app, echo_once, reports_user_errors
 
 
 @app.command()
@@ -52,7 +52,7 @@ def train(
         command = ["mbv2", *sys.argv[1:]]
         if "--resume" not in command:
             command += ["--resume", "auto"]
-        typer.echo(f"{stopped}\nresume with: {shlex.join(command)}")
+        echo_once(f"{stopped}\nresume with: {shlex.join(command)}")  # every process stopped: one says so
         raise typer.Exit(stopped.exit_code) from None
 
 
