@@ -1,6 +1,6 @@
 """torchrun support: process rank, world size, and reductions. A plain `mbv2 train` is world size 1.
 
-torchrun's RANK, WORLD_SIZE and LOCAL_RANK are read here and nowhere else.
+torchrun's RANK, WORLD_SIZE and LOCAL_RANK come from launch.py, which reads them without torch.
 
 Two kinds of agreement between processes: tensors that live on the device (sums, the non-finite flag)
 go through the main process group (NCCL on GPUs), never read back by the host during a step; flags that
@@ -10,7 +10,7 @@ them never waits for the GPU.
 
 from __future__ import annotations
 
-import os
+import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Optional
@@ -18,7 +18,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from mbv2train import launch
 from mbv2train.errors import CheckFailed
+from mbv2train.launch import restart_count
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,10 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
 
     ``timeout_s`` (train.dist_timeout_s) bounds how long a collective waits for a process that died or
     hung: past it the others raise (gloo) or are ended by NCCL's watchdog, instead of waiting forever."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launch.world_size()
     if world_size <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(launch.rank(), world_size, launch.local_rank())
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)  # the local rank picks the GPU on every node
     if not dist.is_initialized():
@@ -61,17 +63,6 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     _host_group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
                    if dist.get_backend() != "gloo" else None)
     return info
-
-
-def launched_rank() -> int:
-    """This process's global rank as torchrun gave it (0 outside torchrun), known before any process group."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def restart_count() -> int:
-    """How many times torchrun has restarted the worker group (0 for the first attempt, and outside
-    torchrun): a restarted group continues from its newest checkpoint."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 class PeerFailure(CheckFailed):
@@ -194,6 +185,16 @@ class StepVote:
             self._pending = None
 
 
+def gather_objects(value) -> list:
+    """Every process's ``value`` (any picklable object), in rank order ([value] in a single process): a
+    collective on the CPU group, which never waits for the GPU."""
+    if not _initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_host_group)
+    return values
+
+
 def min_over_ranks(value: int, device: torch.device) -> int:
     """The smallest of an integer's values over all processes (itself in a single process)."""
     return int(_all_reduce(torch.tensor([value], device=device, dtype=torch.int64), dist.ReduceOp.MIN).item())
@@ -220,3 +221,27 @@ def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
     if dist.is_available() and dist.is_initialized():
         for tensor in tensors:
             dist.broadcast(tensor, src=0)
+
+
+# How long a process tries to reach torchrun's store before it says its line anyway: the agent answers at
+# once while it runs; this only bounds the wait of a process whose agent is gone.
+SAY_ONCE_TIMEOUT_S = 10.0
+
+
+def first_to_say(line: str) -> bool:
+    """Whether this process is the first of its torchrun job to say ``line``: under torchrun every process
+    meets a stop, and most mistakes, at once, and would print the same line; said once per job, it stays
+    one line. A line only one process has (its own failure) is still said, by that process.
+
+    The processes count each line in the store torchrun's agent keeps for the job, which outlives them and
+    their process group, so this works before the group is joined and after it is gone. Outside torchrun,
+    or with the store out of reach, every process says its lines."""
+    where = launch.agent_store()
+    if where is None:
+        return True
+    key = f"mbv2/attempt_{restart_count()}/said/{hashlib.sha256(line.encode()).hexdigest()}"
+    try:
+        store = dist.TCPStore(where[0], where[1], is_master=False, timeout=timedelta(seconds=SAY_ONCE_TIMEOUT_S))
+        return store.add(key, 1) == 1
+    except (RuntimeError, OSError, ValueError):
+        return True

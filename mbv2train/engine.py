@@ -141,7 +141,9 @@ class EpochHooks:
     # after each optimizer step; may raise. Reading the progress's counts or sums waits for the device:
     # do it only at boundaries (a checkpoint: EpochProgress.state settles first)
     after_step: Optional[Callable[[int, EpochProgress], None]] = None
-    bad_images: Optional[Any] = None  # data.BadImageLog: warns about and counts substituted images
+    # data.BadImageLog: warns about and counts substituted images; under torchrun the processes pool theirs
+    # at log steps and at the epoch's end
+    bad_images: Optional[Any] = None
     faults: Faults = field(default_factory=Faults)
 
 
@@ -157,7 +159,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
     continues exactly.
 
     A step never waits for the device (step_guard.py): the non-finite check stays on the device and is
-    read at log steps, checkpoints (``done.state()``), the progress bar's refreshes and the epoch's end.
+    read at log steps, checkpoints (``done.state()``), the progress bar's refreshes and the epoch's end;
+    it stops the run only at those every process reaches (not at rank 0's progress bar).
     """
     hooks = hooks or EpochHooks()
     model.train()
@@ -210,6 +213,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
                 update_ema(skipped)
             if hooks.log_step is not None and global_step % settings.log_every_steps == 0:
                 done.settle()
+                if hooks.bad_images is not None:
+                    hooks.bad_images.share()
                 hooks.log_step(global_step, {"loss": loss.item(), "lr": done.lr})
             hooks.faults.after_step(global_step, rank)
             if hooks.after_step is not None:
@@ -218,6 +223,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
             progress.update(lambda: _progress_fields(done, guard, mix is None, started))
 
     done.settle()
+    if hooks.bad_images is not None:
+        hooks.bad_images.share()
     done.guard = None  # its snapshots are as large as the weights: let them go now
     counts = torch.tensor([float(done.seen), float(guard.images_taken), float(done.bad_images)], device=rt.device)
     totals = all_reduce_sum(torch.cat([torch.stack([done.loss_sum.float(), done.correct.float()]), counts]))
@@ -235,7 +242,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
 
 
 def _progress_fields(done: EpochProgress, guard: StepGuard, with_top1: bool, started: float) -> dict[str, str]:
-    done.settle()  # the numbers below wait for the device anyway
+    guard.read(done)  # the numbers below wait for the device anyway; rank 0 alone: no stop here
     images_per_s = guard.images_taken / (time.perf_counter() - started)
     fields_ = {"loss": f"{done.loss_sum.item() / max(done.seen, 1):.4f}", "lr": f"{done.lr:.4g}"}
     if with_top1:
@@ -308,11 +315,14 @@ def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = 
             after_batch(batch)
         if should_stop is not None and (stop_check_batches is None or batch <= stop_check_batches) and should_stop():
             return None
-    loss, top1, top5, images = all_reduce_sum(sums).tolist()
+    if bad_images is not None:
+        bad_images.share()
+    sums = torch.cat([sums, torch.tensor([float(substituted)], device=rt.device, dtype=torch.float64)])
+    loss, top1, top5, images, substituted = all_reduce_sum(sums).tolist()
     n = max(images, 1)
     metrics = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(images)}
     if bad_images is not None:
-        metrics["bad_images"] = substituted
+        metrics["bad_images"] = int(substituted)
     if confusion is not None:
         metrics["confusion"] = all_reduce_sum(confusion).view(classes, classes).cpu()
     return metrics

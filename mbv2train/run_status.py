@@ -108,9 +108,9 @@ def records_run_status(command):
 
 def _write(path: Path, record: dict, rank_0_only: bool = False, replace: bool = True) -> None:
     if rank_0_only:
-        from mbv2train.distributed import launched_rank  # torch: after a run it is imported anyway
+        from mbv2train import launch
 
-        if launched_rank() != 0:
+        if launch.rank() != 0:
             return
     try:
         write_status(path, record, replace=replace)

@@ -7,6 +7,9 @@ the optimizer's state (``Rollback``), the BatchNorm statistics, the EMA (``EmaUp
 scale, and the epoch's sums. The flags pile up on the device and are read in one go at the next log,
 checkpoint or epoch boundary (``StepGuard.settle``): that is where skipped steps are counted, where
 ``raise`` raises and where too many skips in a row stop the run, naming the step at which it happened.
+The flags are agreed on by all processes, and those boundaries are reached by all of them, so under
+torchrun every process stops at the same point with the same error. A look at the counts from one
+process alone (rank 0's progress line: ``StepGuard.read``) reads the flags without stopping.
 The weights never take a non-finite step in either mode, so a checkpoint always holds finite weights.
 """
 
@@ -173,6 +176,7 @@ class StepGuard:
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
         self.in_a_row = 0
         self.images_taken = 0  # images of the steps taken (not skipped), settled
+        self.failure: Optional[NonFiniteLoss] = None  # the first breach of train.nonfinite read so far
         self._agreed: Optional[Callable[[], torch.Tensor]] = None
 
     def start_step(self, device: torch.device) -> None:
@@ -213,7 +217,16 @@ class StepGuard:
 
     def settle(self, done) -> None:
         """Read the flags of the steps since the last call (one wait for the device) into ``done``'s
-        counts; raise NonFiniteLoss where train.nonfinite says so."""
+        counts; raise NonFiniteLoss where train.nonfinite says so. Under torchrun a collective decision:
+        call it only where every process does (log steps, checkpoints, the epoch's end)."""
+        self.read(done)
+        if self.failure is not None:
+            raise self.failure
+
+    def read(self, done) -> None:
+        """``settle`` without the raise: the counts, and the first breach of train.nonfinite kept for the
+        next ``settle``. For what one process does alone, such as rank 0's progress line: a raise there
+        would leave the other processes waiting for it in their next collective."""
         if not self.pending:
             return
         pending, self.pending = self.pending, []
@@ -221,15 +234,20 @@ class StepGuard:
         for (step, _, _, images), (nonfinite, scaler_skipped) in zip(pending, flags):
             if nonfinite:
                 if not self.skip_nonfinite:
-                    raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.epoch}); "
-                                        f"the last checkpoint holds finite weights")
+                    self._fail(f"non-finite loss at step {step} (epoch {self.epoch}); "
+                               f"the last checkpoint holds finite weights")
+                    continue
                 done.nonfinite_skips += 1
                 self.in_a_row += 1
                 if self.in_a_row >= self.max_skips:
-                    raise NonFiniteLoss(f"{self.in_a_row} non-finite losses in a row, the last at step "
-                                        f"{step}; giving up (train.max_nonfinite_skips)")
+                    self._fail(f"{self.in_a_row} non-finite losses in a row, the last at step {step}; "
+                               f"giving up (train.max_nonfinite_skips)")
             else:
                 self.in_a_row = 0
                 done.seen += images
                 self.images_taken += images
                 done.scaler_skips += int(scaler_skipped)
+
+    def _fail(self, message: str) -> None:
+        if self.failure is None:  # the first breach names the step the run stopped for
+            self.failure = NonFiniteLoss(message)

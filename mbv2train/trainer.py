@@ -115,9 +115,11 @@ class Run:
         self.bad_train = self.bad_val = None
         if cfg.data.bad_images == "skip":
             self.bad_train = data.BadImageLog(len(self.loaders.train.dataset), cfg.data.max_bad_fraction,
-                                              "training", folder=self.loaders.train_dir, warn=self.say)
+                                              "training", folder=self.loaders.train_dir, warn=self.say,
+                                              processes=dist.world_size)
             self.bad_val = data.BadImageLog(len(self.loaders.val.dataset), cfg.data.max_bad_fraction,
-                                            "validation", folder=self.loaders.val_dir, warn=self.say)
+                                            "validation", folder=self.loaders.val_dir, warn=self.say,
+                                            processes=dist.world_size)
         # Validation shards differ by up to one batch between processes (no padding, so every image
         # counts once); a stop check is a collective under torchrun, so validation asks only at the
         # batches every process has.

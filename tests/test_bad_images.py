@@ -178,6 +178,17 @@ def test_bad_image_log_ignores_empty_strings_and_counts_per_epoch(capsys):
     assert log.epoch_count == 1 and capsys.readouterr().err == "warning: skipped unreadable image x.jpg\n"
 
 
+def test_with_several_processes_the_limit_is_checked_only_where_they_pool_their_files(capsys):
+    log = BadImageLog(20, 0.05, "train", folder="/data/train", processes=2)
+    log.record(["/data/train/a/1.jpg", "", "/data/train/b/2.jpg"])  # past the limit, but this process alone
+    assert log.epoch_count == 2 and capsys.readouterr().err == ""
+    with pytest.raises(DataError, match=r"^2 of 20 train images are unreadable, more than data.max_bad_fraction "
+                                        r"0.05; run `mbv2 data check /data/train`$"):
+        log.share()  # outside torchrun the pool is this process's own files
+    assert capsys.readouterr().err.splitlines() == ["warning: skipped unreadable image /data/train/a/1.jpg",
+                                                    "warning: skipped unreadable image /data/train/b/2.jpg"]
+
+
 def test_training_with_too_many_bad_images_stops(bad_root, bad_paths):
     loaders = data.build_loaders(skip_cfg(bad_root, max_bad_fraction=0.1), seed=0)
     log = BadImageLog(len(loaders.train.dataset), 0.1, "train")
@@ -337,3 +348,50 @@ def test_mbv2_train_with_error_stops_with_one_line_naming_a_bad_file(cli, bad_ro
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot read image ")
     assert any(path in lines[0] for path in bad_paths)
+
+
+# ---------------------------------------------------------------- under torchrun
+
+def twenty_train_images(root: Path) -> list[Path]:
+    """train: 6 good PNGs per class plus cat/broken.jpg and dog/empty.jpg (2 of 20 unreadable, 10%, and far
+    apart in the folder order); val: 2 good PNGs per class. Returns the two bad paths."""
+    for c in CLASSES:
+        write_images(root / "train" / c, 6)
+        write_images(root / "val" / c, 2)
+    bad = [root / "train" / "cat" / "broken.jpg", root / "train" / "dog" / "empty.jpg"]
+    bad[0].write_bytes(truncated_jpeg())
+    bad[1].write_bytes(b"")
+    return bad
+
+
+@pytest.mark.slow
+def test_torchrun_counts_bad_images_over_all_processes_and_every_process_stops_on_one_line(tmp_path):
+    from test_cli_train import torchrun
+
+    root = tmp_path / "data"
+    twenty_train_images(root)
+    # 2 processes x batches of 5: in epoch 1 each process reads 10 images and one of the two bad ones
+    result = torchrun(train_command(root, tmp_path / "run", "data.batch_size=5", "data.bad_images=skip",
+                                    "data.max_bad_fraction=0.05", "train.epochs=1"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: 2 of 20 training images are unreadable, more than data.max_bad_fraction 0.05; "
+                      f"run `mbv2 data check {root / 'train'}`"], result.stderr[-3000:]
+    assert result.returncode != 0
+
+
+@pytest.mark.slow
+def test_torchrun_warns_about_and_counts_the_bad_images_every_process_meets(tmp_path):
+    from test_cli_train import torchrun
+    from mbv2train.tracking import read_metrics
+
+    root = tmp_path / "data"
+    bad = twenty_train_images(root)
+    bad.append(root / "val" / "cat" / "img0z.jpg")  # validation image 1 in folder order: rank 1's shard alone
+    bad[-1].write_text("not an image\n")
+    result = torchrun(train_command(root, tmp_path / "run", "data.batch_size=5", "data.bad_images=skip",
+                                    "data.max_bad_fraction=0.2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["bad_images"], r["val_bad_images"]) for r in rows] == [(2, 1), (2, 1)]
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped unreadable image")]
+    assert sorted(warned) == sorted(f"warning: skipped unreadable image {path}" for path in bad)  # once each

@@ -203,6 +203,51 @@ def test_torchrun_ranks_agree_on_skipping_a_nan_seen_by_one_rank(image_root, tmp
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_torchrun_a_nan_under_raise_stops_every_process_at_the_same_step_with_one_line(image_root, tmp_path):
+    # 2 images per micro-batch, 2 micro-batches per step: 3 steps per epoch, and no log step in it. Rank 0's
+    # progress line comes after 4 micro-batches (step 2), on rank 0 only: the processes must not stop there,
+    # but at the epoch's end, which every one of them reaches. Only rank 1 meets the NaN, in micro-batch 1.
+    run = tmp_path / "ddp"
+    args = train_args(image_root, run, "data.batch_size=2", "train.accum_steps=2", "train.log_every_steps=4",
+                      "train.epochs=1")
+    result = torchrun(args, "nan_loss_at_step=1", "nan_loss_rank=1", "nan_loss_micro_batch=1")
+    assert result.returncode != 0
+    # one line, and none from a process that failed waiting for another
+    assert error_lines(result) == ["error: non-finite loss at step 1 (epoch 1); the last checkpoint holds "
+                                   "finite weights"], result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_torchrun_lines_every_process_would_print_come_once_per_job(image_root, tmp_path):
+    run = tmp_path / "ddp"
+    args = train_args(image_root, run, "data.batch_size=2", "train.epochs=1")
+    stopped = torchrun(args, "sigterm_at_step=2")  # every process signals itself: all stop after step 3
+    assert stopped.stdout.count("stopped by SIGTERM at step 3; checkpoint ") == 1, stopped.stdout
+    assert stopped.stdout.count("resume with: ") == 1
+    again = torchrun(args)  # a mistake every process meets: the run directory is taken
+    assert again.returncode != 0
+    assert error_lines(again) == [f"error: {run} already holds a run (last.pt); continue it with --resume auto "
+                                  f"or choose another --output-dir"], again.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_torchrun_a_failure_only_one_process_meets_is_still_reported(image_root, tmp_path):
+    import shutil
+
+    root = shutil.copytree(image_root, tmp_path / "data")
+    bad = root / "val" / "circle" / "001.png"  # validation image 1: rank 1's shard alone
+    bad.write_text("not an image")
+    result = torchrun(train_args(root, tmp_path / "ddp", "data.batch_size=4", "train.epochs=1"))
+    assert result.returncode != 0
+    assert f"error: cannot read image {bad}: cannot identify image file '{bad}'" in error_lines(result), \
+        result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_an_unreadable_image_stops_the_run_with_its_path(cli, image_root, tmp_path, workers):
     import shutil

@@ -452,6 +452,21 @@ def test_raise_mode_also_undoes_the_step_and_names_it_at_the_boundary(accum):
     assert str(outcome) == "non-finite loss at step 3 (epoch 1); the last checkpoint holds finite weights"
 
 
+def test_rank_0s_progress_line_reads_the_flags_but_only_a_boundary_every_process_reaches_stops_the_run():
+    # Under torchrun only rank 0 shows progress: a stop there would leave the other processes waiting for it.
+    parts, steps = parts_for(tiny_model()), []
+    settings = engine.TrainSettings(seed=0, log_every_steps=4)
+    hooks = engine.EpochHooks(log_step=lambda step, values: None, faults=Faults(nan_loss_at_step=2),
+                              after_step=lambda step, done: steps.append(step))
+    progress = Progress(STEPS, "test", log_every=1, enabled=True)  # numbers after every step
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss at step 2 "):
+        engine.train_one_epoch(parts.model, tiny_batches(STEPS), parts.optimizer, parts.scheduler, None, parts.rt,
+                               settings, epoch=1, global_step=0, steps_per_epoch=STEPS,
+                               done=engine.EpochProgress.from_state(None, parts.device), progress=progress,
+                               hooks=hooks)
+    assert steps == [1, 2, 3]  # step 4's log step stopped it, before its checkpoint hook
+
+
 def test_a_skipped_first_step_leaves_the_weights_and_a_zero_momentum():
     parts = parts_for(tiny_model(), ema=False)
     initial = {k: v.clone() for k, v in parts.model.state_dict().items()}

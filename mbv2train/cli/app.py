@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mbv2train import __version__
+from mbv2train import __version__, launch
 from mbv2train.errors import UserError
 
 app = typer.Typer(
@@ -34,9 +34,21 @@ DataOption = Annotated[Optional[Path], typer.Option(
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
+def echo_once(text: str, err: bool = False) -> None:
+    """typer.echo, but under torchrun once per job: the processes of a job meet a stop, and most mistakes,
+    all at once, and their copies of the same line would only repeat it (distributed.first_to_say). A line
+    that only one process has, such as its own failure, is said by that process."""
+    if launch.world_size() > 1:  # torch is imported only here: a config mistake outside torchrun goes without
+        from mbv2train.distributed import first_to_say
+
+        if not first_to_say(text):
+            return
+    typer.echo(text, err=err)
+
+
 def reports_user_errors(command):
     """Turn the project's UserError into one line on stderr and its exit code (2, or 1 for a failed check),
-    never a traceback."""
+    never a traceback; under torchrun, one line per job (echo_once)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -45,15 +57,15 @@ def reports_user_errors(command):
         except UserError as exc:
             exc.__traceback__ = None  # frees a failed DataLoader's workers now, not at some later collection
             one_line = str(exc).replace("\n", "\\n")  # a value typed with a newline stays on the line
-            typer.echo(f"error: {one_line}", err=True)
+            echo_once(f"error: {one_line}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("error: interrupted; nothing was saved for the current step", err=True)
+            echo_once("error: interrupted; nothing was saved for the current step", err=True)
             raise typer.Exit(130) from None
         except Exception as exc:
             if not _cut_short_by_ctrl_c(exc):
                 raise
-            typer.echo("error: interrupted; nothing was saved for the current step", err=True)
+            echo_once("error: interrupted; nothing was saved for the current step", err=True)
             raise typer.Exit(130) from None
 
     return wrapper

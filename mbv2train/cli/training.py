@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mbv2train.cli.app import ConfigOption, DataOption, SetOption, app, reports_user_errors
+from mbv2train.cli.app import ConfigOption, DataOption, SetOption, app, echo_once, reports_user_errors
 from mbv2train.run_status import records_run_status
 
 
@@ -54,11 +54,25 @@ def train(
     try:
         fit(cfg, resume=resume, allow_changes=allow_change or [], faults=faults)
     except Preempted as stopped:
-        command = ["mbv2", *sys.argv[1:]]
+        # the job script's status file belongs to that job, not to a resume typed by hand
+        command = ["mbv2", *_without_option(sys.argv[1:], "--status-file")]
         if "--resume" not in command:
             command += ["--resume", "auto"]
-        typer.echo(f"{stopped}\nresume with: {shlex.join(command)}")
+        echo_once(f"{stopped}\nresume with: {shlex.join(command)}")  # every process stopped: one says so
         raise typer.Exit(stopped.exit_code) from None
+
+
+def _without_option(args: list[str], option: str) -> list[str]:
+    """``args`` less ``option VALUE`` and ``option=VALUE``."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
 
 
 @app.command("eval")

@@ -27,6 +27,7 @@ from mbv2train.data.encoded import collate_encoded, leave_jpegs_encoded
 from mbv2train.data.folders import ImageFolderDataset, check_split, load_image, resolve_dirs
 from mbv2train.data.gpu_decode import BatchDecoder, DeviceDecodingLoader
 from mbv2train.data.transforms import TrainTransform, ValTransform
+from mbv2train.distributed import gather_objects
 from mbv2train.errors import DataError
 from mbv2train.preemption import ignore_in_worker
 
@@ -119,16 +120,23 @@ class BadImageLog:
     Warns once per distinct file over the whole run, counts substitutions per epoch, and raises DataError
     once more than ``max_fraction`` of the split's files have turned out unreadable: a few broken files
     are noise, many mean a broken copy of the dataset that should not be trained on silently.
+
+    Under torchrun (``processes`` > 1) each process meets the bad files of its own shard only, and a file
+    may fall to another process in the next epoch: the processes pool the files they found at points all
+    of them reach (``share``, a collective), and there all of them decide alike, so that every one stops
+    with the same line. In a single process ``record`` decides at once.
     """
 
     def __init__(self, split_size: int, max_fraction: float, split: str, folder: str | Path | None = None,
-                 warn: bool = True):
+                 warn: bool = True, processes: int = 1):
         self.split_size = split_size
         self.max_fraction = max_fraction
         self.split = split
         self.folder = folder
         self.warn = warn  # False on ranks other than 0, so each file is warned about once per run
-        self.seen: set[str] = set()
+        self.processes = processes
+        self.seen: set[str] = set()  # every process's bad files, as of the last share
+        self.unshared: dict[str, None] = {}  # this process's new ones since then, in the order met
         self.epoch_count = 0
 
     def start_epoch(self) -> None:
@@ -140,9 +148,21 @@ class BadImageLog:
                 continue
             self.epoch_count += 1
             if path not in self.seen:
-                self.seen.add(path)
-                if self.warn:
-                    print(f"warning: skipped unreadable image {path}", file=sys.stderr, flush=True)
+                self.unshared[path] = None
+        if self.processes == 1:
+            self.share()
+
+    def share(self) -> None:
+        """Pool the bad files every process found since the last call, warn about the new ones and raise
+        DataError past ``max_fraction``. Under torchrun a collective: every process calls it at the same
+        points (log steps and an epoch's end; the end of a validation pass)."""
+        mine, self.unshared = list(self.unshared), {}
+        for found in (gather_objects(mine) if self.processes > 1 else [mine]):
+            for path in found:
+                if path not in self.seen:
+                    self.seen.add(path)
+                    if self.warn:
+                        print(f"warning: skipped unreadable image {path}", file=sys.stderr, flush=True)
         if len(self.seen) > self.max_fraction * self.split_size:
             folder = self.folder if self.folder is not None else Path(sorted(self.seen)[0]).parent.parent
             raise DataError(f"{len(self.seen)} of {self.split_size} {self.split} images are unreadable, "
