@@ -44,6 +44,14 @@ def worker_pids(parent: int) -> dict[int, int]:
     return found
 
 
+def kill_leftovers(job: subprocess.Popen) -> None:
+    """After a failed test, leave nothing running: the workers outlive a killed torchrun."""
+    if job.poll() is None:
+        for pid in worker_pids(job.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        job.kill()
+
+
 def torchrun_two_processes(*options: str) -> list[str]:
     """torchrun for 2 local processes with a short shutdown grace, then ``options`` (torchrun's, then mbv2's)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -70,10 +78,7 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_the_run_resumes_by
         os.kill(victim, signal.SIGKILL)
         assert job.wait(timeout=300) == 0, err.text()[-3000:]
     finally:
-        if job.poll() is None:  # a failed test leaves no workers behind: they outlive a killed torchrun
-            for pid in worker_pids(job.pid).values():
-                os.kill(pid, signal.SIGKILL)
-            job.kill()
+        kill_leftovers(job)
     stdout, stderr = out.text(), err.text()
     assert "failed (exitcode: -9) local_rank: 1" in stderr  # the first attempt's rank 1 died by SIGKILL
     assert f"torchrun restart 1: resuming from {run / 'last.pt'}" in stdout
@@ -191,10 +196,7 @@ def test_a_worker_killed_in_a_job_started_with_resume_path_restarts_from_the_run
         assert "resuming at epoch 3, step 1/3" in out.wait_for("resuming at epoch"), out.text(finished=False)
         assert job.wait(timeout=300) == 0, err.text()[-3000:]
     finally:
-        if job.poll() is None:  # a failed test leaves no workers behind: they outlive a killed torchrun
-            for pid in worker_pids(job.pid).values():
-                os.kill(pid, signal.SIGKILL)
-            job.kill()
+        kill_leftovers(job)
     stdout = out.text()
     assert f"torchrun restart 1: resuming from {run / 'last.pt'}" in stdout
     assert [row["epoch"] for row in read_metrics(run / "metrics.jsonl")] == [2, 3]  # epoch 2's row kept, once
