@@ -6,13 +6,14 @@ yaml_schema.py); checks that involve several keys live in ``Config.validate``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from mbv2train import yaml_schema
-from mbv2train.errors import ConfigError
+from mbv2train.errors import ConfigError, DataError
 from mbv2train.yaml_schema import setting
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "PRETRAINED_TAGS",
@@ -246,6 +247,16 @@ def _checked(cfg: Config, origin: dict[str, str], default_where: str) -> Config:
     if problems:
         key, message = problems[0]
         raise ConfigError(f"{origin.get(key, default_where)}: {key}: {message}")
+    return cfg
+
+
+def with_num_classes(cfg: Config, found: int) -> Config:
+    """model.num_classes unset means "as many as the data has" (``found``); set, it must agree with the data."""
+    if cfg.model.num_classes is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=found))
+    if cfg.model.num_classes != found:
+        raise DataError(f"model.num_classes is {cfg.model.num_classes} but the training data has {found} "
+                        f"class folders (unset model.num_classes to take it from the data)")
     return cfg
 
 

@@ -127,3 +127,11 @@ def epoch_line(row: dict[str, Any], best_metric: str, best_value: float) -> str:
 def without_timing(row: dict[str, Any]) -> dict[str, Any]:
     """A metrics row minus the fields that measure time: what two identical runs must agree on."""
     return {k: v for k, v in row.items() if k not in TIMING_FIELDS}
+
+
+def augmented_samples(loader, count: int) -> torch.Tensor:
+    """The first training images exactly as epoch 1 augments them (uint8), for TensorBoard."""
+    dataset = loader.dataset
+    # the loader's own collate: with data.decode: device it also decodes the JPEGs
+    images, _, _ = loader.collate_fn([dataset[(1, i)] for i in range(min(count, len(dataset)))])
+    return images.cpu()

@@ -3,7 +3,6 @@ signal."""
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from mbv2train import checkpoint as ckpt
 from mbv2train import data, engine, finetune, optim, pretrained, rescale, rng, run_state
 from mbv2train.batchnorm_sync import (average_running_statistics, gather_running_statistics,
                                       restore_running_statistics, synchronize_batchnorm)
-from mbv2train.config import Config
+from mbv2train.config import Config, with_num_classes
 from mbv2train.devices import resolve_amp, resolve_device
 from mbv2train.distributed import (DistInfo, StepVote, any_rank, as_peer_failure, broadcast_from_rank0,
                                     init_distributed, min_over_ranks, restart_count, shutdown_distributed)
@@ -27,8 +26,8 @@ from mbv2train.model import build_model
 from mbv2train.preemption import Preempted, StopFlag
 from mbv2train.progress import Progress, log
 # without_timing is imported from here by callers that compare runs
-from mbv2train.tracking import (NullTracker, Tracker, append_event, epoch_line, truncate_metrics,  # noqa: F401
-                                without_timing)
+from mbv2train.tracking import (NullTracker, Tracker, append_event, augmented_samples, epoch_line,  # noqa: F401
+                                truncate_metrics, without_timing)
 
 
 def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] = (),
@@ -78,7 +77,7 @@ class Run:
         if state is None and cfg.model.pretrained is not None and pretrained_weights:
             source = pretrained.read(cfg.model, show_progress=self.say)
         cfg = pretrained.resolve_config(cfg, source, state["config"] if state is not None else None)
-        self.cfg = cfg = _with_num_classes(cfg, len(self.loaders.classes))
+        self.cfg = cfg = with_num_classes(cfg, len(self.loaders.classes))
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -338,22 +337,4 @@ class Run:
         if fresh:
             self.tracker.hparams(self.cfg.to_dict())
             if self.cfg.train.tb_images:
-                self.tracker.images(_augmented_samples(self.loaders.train, self.cfg.train.tb_images))
-
-
-def _with_num_classes(cfg: Config, found: int) -> Config:
-    """model.num_classes unset means "as many as the data has"; set, it must agree with the data."""
-    if cfg.model.num_classes is None:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=found))
-    if cfg.model.num_classes != found:
-        raise DataError(f"model.num_classes is {cfg.model.num_classes} but the training data has {found} "
-                        f"class folders (unset model.num_classes to take it from the data)")
-    return cfg
-
-
-def _augmented_samples(loader, count: int) -> torch.Tensor:
-    """The first training images exactly as epoch 1 augments them (uint8), for TensorBoard."""
-    dataset = loader.dataset
-    # the loader's own collate: with data.decode: device it also decodes the JPEGs
-    images, _, _ = loader.collate_fn([dataset[(1, i)] for i in range(min(count, len(dataset)))])
-    return images.cpu()
+                self.tracker.images(augmented_samples(self.loaders.train, self.cfg.train.tb_images))
