@@ -29,7 +29,7 @@ class ModelConfig:
               "model.pretrained's weights, else 1.0", gt=0)
     dropout: float = setting(0.2, "dropout probability before the classifier", ge=0, lt=1)
     num_classes: Optional[int] = setting(
-        None, "number of classes; null: the number of class folders in the training data (1000 for summary)",
+        None, "number of classes; null: the number of class folders in the training data (summary without data: 1000)",
         ge=1)
     round_nearest: int = setting(8, "channel counts are rounded to a multiple of this", ge=1)
     pretrained: Optional[str] = setting(

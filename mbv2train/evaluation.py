@@ -7,6 +7,7 @@ per-class results and a confusion matrix (eval_report.py), a sweep over crop siz
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -53,6 +54,7 @@ class LoadedModel:
     ema: bool
     device: torch.device
     rt: engine.Runtime
+    trained_hflip: Optional[float] = None  # the flip probability it was trained with; None: unknown
 
 
 def run_eval(req: EvalRequest) -> dict[str, Any]:
@@ -61,6 +63,9 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     if req.report is not None and req.report.exists() and not req.report.is_dir():
         raise ConfigError(f"--report {req.report}: is a file; the report needs a folder")  # before the work
     loaded = load_model(req)
+    if req.tta == "flip" and loaded.trained_hflip == 0:
+        print("warning: --tta flip: the model was trained without flips (data.hflip 0), so mirrored images are "
+              "new to it and flip TTA may lower its accuracy", file=sys.stderr, flush=True)
     cfg = loaded.cfg
     val_dir = val_dir_of(cfg, req.data)
     per_class = req.per_class or req.report is not None
@@ -139,9 +144,10 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
             raise CheckpointError(f"{req.ckpt}: --width-mult and --num-classes are for bare state dicts; "
                                   f"a training checkpoint carries its own model settings")
         saved, weights, classes, used_ema = _from_training_checkpoint(state, req)
-        cfg = _with_requests(saved, req)
+        cfg, trained_hflip = _with_requests(saved, req), saved.data.hflip
     else:
         cfg, weights, classes, used_ema = _from_state_dict(state, req), state, None, False
+        trained_hflip = None  # a bare state dict does not say how it was trained
 
     try:
         device = resolve_device(cfg.train.device)
@@ -162,7 +168,7 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
         model = model.to(memory_format=torch.channels_last)
     rt = engine.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
                                cfg.data.mean, cfg.data.std)
-    return LoadedModel(cfg, model, classes, used_ema, device, rt)
+    return LoadedModel(cfg, model, classes, used_ema, device, rt, trained_hflip)
 
 
 def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
@@ -175,13 +181,14 @@ def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
         which = "EMA" if state["ema"] else "raw"
         raise CheckpointError(f"{req.ckpt}: an int8 model holds one set of weights (quantized from the {which} "
                               f"weights); leave out --ema/--no-ema")
-    cfg = _with_requests(config_from_dict(state["config"], f"{req.ckpt} (saved config)"), req)
+    saved = config_from_dict(state["config"], f"{req.ckpt} (saved config)")
+    cfg = _with_requests(saved, req)
     if req.device not in (None, "auto", "cpu"):
         raise ConfigError(f"--device {req.device}: int8 models from mbv2 quantize run on the CPU")
     device = torch.device("cpu")
     model = int8file.FrozenProgram(int8file.load_program(state, req.ckpt), len(state["class_names"]))
     rt = engine.Runtime.create(device, None, False, cfg.data.mean, cfg.data.std)
-    return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, rt)
+    return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, rt, saved.data.hflip)
 
 
 def _from_training_checkpoint(state, req: EvalRequest):

@@ -29,12 +29,14 @@ from mbv2train.errors import ConfigError, DataError
 from mbv2train.evaluation import EvalRequest, load_model
 from mbv2train.progress import Progress
 
+DEFAULT_TOPK = 5
+
 
 @dataclass
 class PredictRequest:
     ckpt: Path
     paths: Sequence[Path]  # image files, or folders searched recursively for images
-    topk: int = 5
+    topk: Optional[int] = None  # None: DEFAULT_TOPK, or every class when the model has fewer
     batch_size: Optional[int] = None  # default: the checkpoint's val batch size
     ema: Optional[bool] = None  # as mbv2 eval: None takes the weights that picked best.pt
     device: Optional[str] = None  # auto, cpu, cuda; default: the checkpoint's train.device
@@ -138,13 +140,15 @@ def predict(req: PredictRequest, on_prediction: Callable[[Prediction], None],
 
     Bad input (a missing path, a file that is not a training checkpoint, --topk out of range) raises a
     UserError before any image is read."""
-    if req.topk < 1:
+    if req.topk is not None and req.topk < 1:
         raise ConfigError(f"--topk {req.topk}: must be at least 1")
     loaded = load_model(EvalRequest(ckpt=req.ckpt, ema=req.ema, batch_size=req.batch_size, device=req.device),
                         classes_needed="mbv2 predict")
     classes = loaded.classes
-    if req.topk > len(classes):
-        raise ConfigError(f"--topk {req.topk}: the checkpoint's model has {len(classes)} classes; "
+    # a default that a small model cannot meet would make the command fail unasked; a number asked for is kept
+    topk = min(DEFAULT_TOPK, len(classes)) if req.topk is None else req.topk
+    if topk > len(classes):
+        raise ConfigError(f"--topk {topk}: the checkpoint's model has {len(classes)} classes; "
                           f"choose 1 to {len(classes)}")
     paths = find_images(req.paths)
 
@@ -173,7 +177,7 @@ def predict(req: PredictRequest, on_prediction: Callable[[Prediction], None],
             images, _ = loaded.rt.prepare(images, indices)
             logits = engine.eval_logits(loaded.model, images, loaded.rt)
             # ranked by the logits, as evaluate ranks them: probabilities can round two close logits equal
-            top = logits.topk(req.topk, dim=1).indices
+            top = logits.topk(topk, dim=1).indices
             probs = logits.softmax(1).gather(1, top)
             for k, (ranked, p) in enumerate(zip(top.tolist(), probs.tolist())):
                 i = start + k

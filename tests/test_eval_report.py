@@ -226,3 +226,16 @@ def test_torchrun_sums_the_per_class_counts_over_processes(image_root, tmp_path,
     out = eval_json(cli, "--ckpt", run / "last.pt", "--per-class")
     assert tables[-1][1] == [(r["class"], r["images"], pytest.approx(r["top1"], abs=1e-4)) for r in out["per_class"]]
     assert [images for _, images, _ in tables[-1][1]] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("hflip, warned", [(0.0, True), (0.5, False)])
+def test_tta_flip_warns_once_when_the_model_was_trained_without_flips(cli, image_root, tmp_path, hflip, warned):
+    cfg = eval_config(image_root, 3, f"data.hflip={hflip}")
+    ckpt = save_checkpoint(tmp_path / "model.pt", build_model(cfg.model).eval(), cfg, CLASSES)
+    flipped = cli("eval", "--ckpt", ckpt, "--tta", "flip", "--json")
+    assert flipped.exit_code == 0, flipped.output
+    assert json.loads(flipped.stdout)["tta"] == "flip"  # it still runs
+    warning = ("warning: --tta flip: the model was trained without flips (data.hflip 0), so mirrored images "
+               "are new to it and flip TTA may lower its accuracy")
+    assert flipped.stderr.splitlines() == ([warning] if warned else [])
+    assert cli("eval", "--ckpt", ckpt).stderr == ""  # no TTA, nothing to warn about

@@ -233,3 +233,25 @@ def test_symlinks_lead_to_each_folder_once_and_each_image_is_predicted_once(cli,
     # named on the command line, two names of one file are one image too
     results, _ = predict_json(cli, "--ckpt", ckpt, "--topk", "1", photos / "c" / "x_again.png", photos / "a" / "x.png")
     assert [r["path"] for r in results] == [str(photos / "c" / "x_again.png")]
+
+
+@pytest.fixture(scope="module")
+def three_class_ckpt(tmp_path_factory, image_root):
+    cfg = eval_config(image_root, 3)
+    loader, classes = data.build_val_loader(cfg.data, image_root / "val")
+    model = calibrated_model(cfg, torch.cat([batch[0] for batch in loader]), seed=5)
+    return save_checkpoint(tmp_path_factory.mktemp("three") / "three.pt", model, cfg, classes)
+
+
+def test_predict_shows_every_class_by_default_when_there_are_fewer_than_5(cli, image_root, three_class_ckpt):
+    results, result = predict_json(cli, "--ckpt", three_class_ckpt, image_root / "val" / "circle")
+    assert len(results) == 4 and result.stderr == ""
+    assert [len(r["topk"]) for r in results] == [3, 3, 3, 3]
+    assert all(sorted(t["class"] for t in r["topk"]) == ["circle", "square", "triangle"] for r in results)
+
+
+def test_predict_refuses_an_explicit_topk_above_the_classes(cli, image_root, three_class_ckpt):
+    result = cli("predict", "--ckpt", three_class_ckpt, "--topk", "5", image_root / "val" / "circle")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: --topk 5: the checkpoint's model has 3 classes; choose 1 to 3"]

@@ -121,3 +121,39 @@ def test_cli_grid_json(cli):
     assert len(data["cells"]) == 30
     cell = next(c for c in data["cells"] if c["width_mult"] == 1.0 and c["image_size"] == 224)
     assert cell == {"width_mult": 1.0, "image_size": 224, "params": 3_504_872, "macs": 300_774_272}
+
+
+def test_cli_takes_the_size_width_and_classes_of_a_config_and_its_data(cli, write_yaml, image_root):
+    path = write_yaml(f"model:\n  width_mult: 0.5\ndata:\n  root: {image_root}\n  image_size: 32\n")
+    result = cli("summary", "--json", "--config", path)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["width_mult"] == 0.5 and data["num_classes"] == 3  # image_root's three class folders
+    assert data["input_size"] == [1, 3, 32, 32] and data["layers"][0]["output_shape"] == [1, 3]
+    assert data["params"] == summarize(MobileNetV2(num_classes=3, width_mult=0.5), 32).params
+    assert result.stderr == ""
+
+    text = cli("summary", "--config", path)
+    assert text.stdout.splitlines()[0] == (
+        f"MobileNetV2, width 0.5, 3 classes (the class folders of {image_root / 'train'}), input 1x3x32x32")
+
+    # options still win over the file
+    data = json.loads(cli("summary", "--json", "--config", path, "--image-size", "64", "--num-classes", "7",
+                          "--width-mult", "0.75").stdout)
+    assert data["input_size"] == [1, 3, 64, 64] and data["num_classes"] == 7 and data["width_mult"] == 0.75
+
+
+def test_cli_says_which_class_count_it_assumed_when_the_data_is_missing(cli, write_yaml, tmp_path):
+    path = write_yaml(f"data:\n  root: {tmp_path / 'nowhere'}\n  image_size: 32\n")
+    result = cli("summary", "--json", "--config", path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["num_classes"] == 1000
+    assert result.stderr.splitlines() == [
+        f"note: model.num_classes is unset and {tmp_path / 'nowhere' / 'train'} does not exist; "
+        f"assuming 1000 classes (ImageNet)"]
+
+
+def test_cli_without_a_config_is_imagenets_model_and_says_nothing_more(cli):
+    result = cli("summary", "--depth", "0")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout.splitlines()[0] == "MobileNetV2, width 1, 1000 classes, input 1x3x224x224"

@@ -17,9 +17,12 @@ def summary(
     config: ConfigOption = None,
     width_mult: Annotated[Optional[float], typer.Option(
         help="Width multiplier (overrides model.width_mult).")] = None,
-    image_size: Annotated[int, typer.Option(min=1, max=4096, help="Input height and width in pixels.")] = 224,
+    image_size: Annotated[Optional[int], typer.Option(
+        min=1, max=4096, show_default=False,
+        help="Input height and width in pixels; default: the config's data.image_size (224).")] = None,
     num_classes: Annotated[Optional[int], typer.Option(
-        help="Number of classes (overrides model.num_classes).")] = None,
+        help="Number of classes (overrides model.num_classes); default: model.num_classes, else the class "
+             "folders of the config's training data, else 1000.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for the shapes and batch totals.")] = 1,
     depth: Annotated[int, typer.Option(
         min=0, help="How many levels of the module tree the table shows (0: the model only).")] = 2,
@@ -28,7 +31,8 @@ def summary(
         "--grid", help="Parameters and multiply-adds for widths 0.35-1.4 at 96-224 px, as one table.")] = False,
     overrides: SetOption = None,
 ) -> None:
-    """Print the layer table, parameter count and multiply-adds of MobileNetV2."""
+    """Print the layer table, parameter count and multiply-adds of MobileNetV2: the one --config describes
+    (its width, data.image_size, and classes), ImageNet's at 224 px without one."""
     from mbv2train.config import load_config
 
     cfg = load_config(config, overrides or [], options={"model.width_mult": ("--width-mult", width_mult),
@@ -36,7 +40,9 @@ def summary(
 
     from mbv2train import summary as summ  # torch comes in here
 
-    num_classes = cfg.model.num_classes or 1000  # unset means "from the data"; summary has none
+    num_classes, classes_from, note = summ.class_count(cfg)
+    if note is not None:
+        typer.echo(f"note: {note}", err=True)
 
     if show_grid:
         cells = summ.grid(num_classes=num_classes)
@@ -47,12 +53,14 @@ def summary(
         return
 
     model_cfg = dataclasses.replace(cfg.model, num_classes=num_classes)
-    result = summ.summarize_config(model_cfg, image_size=image_size, batch_size=batch_size, depth=depth)
+    result = summ.summarize_config(model_cfg, image_size=image_size or cfg.data.image_size, batch_size=batch_size,
+                                   depth=depth)
     if as_json:
         typer.echo(json.dumps({"model": "MobileNetV2", "width_mult": cfg.model.width_mult,
                                "num_classes": num_classes, **result.to_dict()}))
     else:
-        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {num_classes} classes, "
+        source = f" ({classes_from})" if classes_from else ""
+        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {num_classes} classes{source}, "
                  f"input {'x'.join(map(str, result.input_size))}")
         typer.echo(summ.format_summary(result, title))
 

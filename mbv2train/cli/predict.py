@@ -18,7 +18,9 @@ def predict(
         help="Image files, or folders searched recursively for images.", show_default=False)],
     ckpt: Annotated[Path, typer.Option(
         help="Checkpoint from mbv2 train: its class names and validation preprocessing are used.")],
-    topk: Annotated[int, typer.Option(help="Classes shown per image, most probable first.")] = 5,
+    topk: Annotated[Optional[int], typer.Option(
+        help="Classes shown per image, most probable first; default: 5, or every class when there are fewer.",
+        show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         help="Images per batch; default: the checkpoint's validation batch size.")] = None,
     ema: Annotated[Optional[bool], typer.Option(
