@@ -46,6 +46,8 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
         if restart_count() > 0:  # torchrun restarted the group after a process failed
             faults = NO_FAULTS  # injected faults belong to the first attempt, which the restart recovers from
         state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main, restart_count())
+        if run_state.left_finished(state, cfg.train, resume, dist.is_main):
+            return {}
         cfg, note = rescale.keep_global_batch(cfg, state, dist.world_size)
         if note is not None:
             log(note, dist.is_main)
@@ -173,16 +175,12 @@ class Run:
             f"images | {where}", say)
 
         row: dict[str, Any] = {}
-        start_epoch = self.epoch
         for epoch in range(self.epoch + 1, cfg.train.epochs + 1):
             row = self._one_epoch(train_model.for_epoch(epoch), epoch, done, mix)
             done = engine.EpochProgress.from_state(None, self.device)
         self.tracker.close()
-        if start_epoch >= cfg.train.epochs:
-            log(f"nothing to train: {self.run_dir} already finished its {cfg.train.epochs} epochs", say)
-        else:
-            log(f"done: best {self.best_metric} {self.best_value:.4f}; checkpoints in {self.run_dir} "
-                f"(evaluate with: mbv2 eval --ckpt {self.run_dir / ckpt.BEST})", say)
+        log(f"done: best {self.best_metric} {self.best_value:.4f}; checkpoints in {self.run_dir} "
+            f"(evaluate with: mbv2 eval --ckpt {self.run_dir / ckpt.BEST})", say)
         return row
 
     def _one_epoch(self, train_model, epoch: int, done: engine.EpochProgress, mix) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -269,3 +270,23 @@ def test_an_output_dir_that_cannot_be_created_exits_2(cli, image_root, tmp_path)
     result = cli(*train_args(image_root, tmp_path / "a_file" / "run"))
     assert result.exit_code == 2
     assert "train.output_dir: cannot create" in result.stderr
+
+
+def snapshot(folder):
+    """Every file and folder under ``folder``: each file's bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else "folder"
+            for p in folder.rglob("*")}
+
+
+def test_resuming_a_finished_run_says_so_in_one_line_and_leaves_it_untouched(cli, image_root, tmp_path):
+    run = tmp_path / "run"
+    first = cli(*train_args(image_root, run, "train.epochs=1"), "--resume", "auto")
+    assert first.exit_code == 0, first.output
+    best = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["val_top1"]
+    before = snapshot(run)
+    again = cli(*train_args(image_root, run, "train.epochs=1"), "--resume", "auto")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines() == [
+        f"nothing to train: {run} already finished its 1 epoch; best val_top1 {best:.4f} (epoch 1) in {run / 'best.pt'}"]
+    assert again.stderr == ""
+    assert snapshot(run) == before  # config.yaml, TensorBoard, metrics, checkpoints: not a byte or a time changed
