@@ -86,7 +86,9 @@ class DataConfig:
                    "(nvJPEG on the GPU; in the training process on a CPU); other formats always in the workers")
     batch_size: int = setting(32, "training images per step per process (global batch = this x processes)", ge=1)
     val_batch_size: Optional[int] = setting(None, "validation batch size per process; null: batch_size", ge=1)
-    num_workers: int = setting(4, "data-loading worker processes per training process (capped at the CPUs available)", ge=0)
+    num_workers: Optional[int] = setting(
+        None, "data-loading worker processes per training process; null: 4, or the CPUs available when "
+              "fewer; a number above the CPUs is capped, with a warning", ge=0)
     pin_memory: bool = setting(True, "page-locked host memory for faster copies (CUDA only)")
     persistent_workers: bool = setting(True, "keep workers alive between epochs")
     prefetch_factor: int = setting(2, "batches each worker loads ahead", ge=1)

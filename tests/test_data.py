@@ -416,3 +416,26 @@ def test_more_workers_than_cpus_are_capped_with_one_warning(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert err.count("warning: data.num_workers is 4 but only 2 CPUs are available; using 2 workers") == 1
     assert loaders._loader_options(DataConfig(num_workers=8), "cpu")["num_workers"] == 2
+
+
+@pytest.mark.parametrize("cpus, workers", [(1, 1), (2, 2), (16, 4)])
+def test_the_default_worker_count_fits_the_cpus_without_a_word(monkeypatch, capsys, cpus, workers):
+    from mbv2train.config import load_config
+    from mbv2train.data import loaders
+
+    monkeypatch.setattr(loaders, "available_cpus", lambda: cpus)
+    loaders._warn_workers_capped.cache_clear()
+    assert loaders._loader_options(load_config(None).data, "cpu")["num_workers"] == workers
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("how", [["data.num_workers=4"], []])
+def test_workers_set_above_the_cpus_are_capped_with_a_warning(monkeypatch, capsys, write_yaml, how):
+    from mbv2train.config import load_config
+    from mbv2train.data import loaders
+
+    monkeypatch.setattr(loaders, "available_cpus", lambda: 2)
+    loaders._warn_workers_capped.cache_clear()
+    path = None if how else write_yaml("data:\n  num_workers: 4\n")  # by --set, or in the config file
+    assert loaders._loader_options(load_config(path, how).data, "cpu")["num_workers"] == 2
+    assert capsys.readouterr().err == "warning: data.num_workers is 4 but only 2 CPUs are available; using 2 workers\n"

@@ -240,17 +240,23 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+DEFAULT_WORKERS = 4  # data.num_workers unset
+
+
 @functools.lru_cache(maxsize=None)  # once per process, not once per loader
 def _warn_workers_capped(requested: int, available: int) -> None:
     print(f"warning: data.num_workers is {requested} but only {available} CPUs are available; "
           f"using {available} workers", file=sys.stderr, flush=True)
 
 
-def worker_count(requested: int) -> int:
+def worker_count(requested: Optional[int]) -> int:
     """data.num_workers, but no more than the CPUs there are: more workers than CPUs only compete with each
     other and the training process. Every sample is seeded from its index, so the count never changes
-    what is trained on."""
+    what is trained on. Unset, it is DEFAULT_WORKERS or the CPUs when fewer, quietly: the warning is for
+    a number somebody chose."""
     available = available_cpus()
+    if requested is None:
+        return min(DEFAULT_WORKERS, available)
     if requested > available:
         _warn_workers_capped(requested, available)
         return available
