@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from mbv2train import checkpoint as ckpt
-from mbv2train.config import TrainConfig
 from mbv2train.errors import CheckpointError, ConfigError
 
 # Settings that change where files are or how fast things run, not what is computed. Any other
@@ -106,28 +105,6 @@ def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str]
     return state
 
 
-def left_finished(state: Optional[dict[str, Any]], train: TrainConfig, resume: Optional[str], say: bool) -> bool:
-    """Whether ``state`` has already trained all train.epochs. Such a run is left as it is: rank 0 (``say``)
-    only finishes the copies to best.pt and epoch_N.pt that a kill interrupted (restore_derived_copies) and
-    says so in one line; nothing is rebuilt, rewritten or logged to TensorBoard."""
-    if state is None or state["epoch"] < train.epochs:
-        return False
-    from mbv2train.progress import log
-
-    run_dir, auto = Path(train.output_dir), resume in (None, "auto")
-    folder = run_dir if auto else Path(resume).parent  # where the checkpoint and its best.pt are
-    if say and folder.resolve() == run_dir.resolve():
-        for line in restore_derived_copies(state, run_dir, train.save_every_epochs, train.keep_checkpoints):
-            log(f"warning: {line}")
-    done = state["epoch"]
-    line = f"nothing to train: {run_dir if auto else resume} already finished its {done} epoch{'s' * (done != 1)}"
-    if state.get("best_value") is not None:
-        line += (f"; best {state['best_metric']} {state['best_value']:.4f} (epoch {state.get('best_epoch')}) "
-                 f"in {folder / ckpt.BEST}")
-    log(line, say)
-    return True
-
-
 def restart_state(resume: Optional[str], run_dir: Path, restart: int, say: Callable[[str], None]
                   ) -> Optional[dict[str, Any]]:
     """The checkpoint a group that torchrun restarted continues from, named in one line: the newest in the
@@ -196,6 +173,12 @@ def check_resumable(state: dict[str, Any], config: dict, classes: list[str], wor
     if state["class_names"] != classes:
         raise CheckpointError("the checkpoint's class list differs from the training data's "
                               f"({len(state['class_names'])} vs {len(classes)} classes)")
+    return check_config_changes(state, config, world_size, allow_changes)
+
+
+def check_config_changes(state: dict[str, Any], config: dict, world_size: int, allow_changes: Sequence[str]
+                         ) -> tuple[list[str], list[str]]:
+    """check_resumable's verdict on the config and the number of processes alone."""
     for key in allow_changes:
         section, _, name = key.partition(".")
         if name not in config.get(section, {}):

@@ -22,6 +22,7 @@ from mbv2train.distributed import (DistInfo, StepVote, any_rank, as_peer_failure
                                     init_distributed, min_over_ranks, restart_count, shutdown_distributed)
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.faults import NO_FAULTS, Faults
+from mbv2train.finished_run import left_finished
 from mbv2train.model import build_model
 from mbv2train.preemption import Preempted, StopFlag
 from mbv2train.progress import Progress, log
@@ -46,9 +47,9 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
         if restart_count() > 0:  # torchrun restarted the group after a process failed
             faults = NO_FAULTS  # injected faults belong to the first attempt, which the restart recovers from
         state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main, restart_count())
-        if run_state.left_finished(state, cfg.train, resume, dist.is_main):
-            return {}
         cfg, note = rescale.keep_global_batch(cfg, state, dist.world_size)
+        if left_finished(state, cfg, resume, allow_changes, dist.world_size, dist.is_main):
+            return {}
         if note is not None:
             log(note, dist.is_main)
         return Run(cfg, device, amp_dtype, dist, stop, faults, state).train(state, allow_changes)

@@ -252,6 +252,18 @@ def test_a_resume_continues_the_checkpoint_without_reading_the_pretrained_file(t
            [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
 
 
+def test_a_finished_run_from_a_pretrained_file_is_left_as_it_is(tiny_config, tmp_path, capsys):
+    """Its width and hash, unset in the config, are the ones the run recorded: resumed again, the run is
+    finished, not a changed experiment."""
+    file = torchvision_weights(tmp_path / "tv.pth")
+    args = ["data.batch_size=2", "train.epochs=1", f"model.pretrained={file}", "model.width_mult="]
+    fit(tiny_config(*args))
+    capsys.readouterr()
+    file.unlink()
+    assert fit(tiny_config(*args), resume="auto") == {}
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"nothing to train: {tmp_path / 'run'} already finished")
+
+
 def test_a_checkpoint_saved_before_the_fine_tuning_keys_existed_still_resumes(tiny_config, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(Preempted):
