@@ -36,8 +36,10 @@ def export(
     images: Annotated[int, typer.Option(help="How many val images to check the export on.")] = 256,
     as_json: JsonOption = False,
 ) -> None:
-    """Write the model in a deployment format, load it back in that format's runtime and check it against
-    PyTorch on real images; fails (exit 1) when it disagrees beyond the tolerance (docs/DEPLOY.md).
+    """Write a model in a deployment format, checked against PyTorch.
+
+    The file is loaded back in its format's runtime and compared with PyTorch on real images; the command
+    fails (exit 1) when they disagree beyond the tolerance (docs/DEPLOY.md).
 
     Every file carries the class names and the preprocessing (mbv2.classes, mbv2.mean, mbv2.std,
     mbv2.resize, mbv2.crop, mbv2.interpolation, mbv2.checkpoint_sha256, mbv2.version): in the ONNX
@@ -79,8 +81,10 @@ def quantize(
     ema: EmaOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Quantize a model to int8 (PT2E post-training quantization) and compare it with the float model:
-    top-1 / top-5 on the val split, file sizes, CPU latency at batch 1 and throughput at batch 32.
+    """Quantize a model to int8 and compare it with the float one.
+
+    PT2E post-training quantization; the comparison: top-1 / top-5 on the val split, file sizes, CPU latency
+    at batch 1 and throughput at batch 32.
 
     The int8 file loads in mbv2 eval and mbv2 predict, and mbv2 export writes it as ONNX (with
     QuantizeLinear/DequantizeLinear nodes), pt2 or ExecuTorch.

@@ -28,7 +28,7 @@ def summary(
         "--grid", help="Parameters and multiply-adds for widths 0.35-1.4 at 96-224 px, as one table.")] = False,
     overrides: SetOption = None,
 ) -> None:
-    """Print the layer table, parameter count and multiply-adds of MobileNetV2."""
+    """Print MobileNetV2's layer table, parameters and multiply-adds."""
     from mbv2train.config import load_config
 
     cfg = load_config(config, overrides or [], options={"model.width_mult": ("--width-mult", width_mult),
