@@ -28,6 +28,7 @@ from mbv2train.data.transforms import ValTransform
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.evaluation import EvalRequest, load_model
 from mbv2train.progress import Progress
+from mbv2train.words import plural
 
 
 @dataclass
@@ -144,7 +145,7 @@ def predict(req: PredictRequest, on_prediction: Callable[[Prediction], None],
                         classes_needed="mbv2 predict")
     classes = loaded.classes
     if req.topk > len(classes):
-        raise ConfigError(f"--topk {req.topk}: the checkpoint's model has {len(classes)} classes; "
+        raise ConfigError(f"--topk {req.topk}: the checkpoint's model has {plural(len(classes), 'class')}; "
                           f"choose 1 to {len(classes)}")
     paths = find_images(req.paths)
 

@@ -28,6 +28,7 @@ from mbv2train.progress import Progress, log
 # without_timing is imported from here by callers that compare runs
 from mbv2train.tracking import (NullTracker, Tracker, append_event, augmented_samples, epoch_line,  # noqa: F401
                                 truncate_metrics, without_timing)
+from mbv2train.words import plural
 
 
 def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] = (),
@@ -169,8 +170,8 @@ class Run:
         where = (f"resuming at epoch {self.epoch + 1}, step {done.steps}/{self.steps_per_epoch}" if state is not None
                  else "starting")
         log(f"run dir {self.run_dir} | {self.device.type} x {self.dist.world_size} | {precision} | "
-            f"{len(self.loaders.classes)} classes | {self.steps_per_epoch} steps/epoch of {self.global_batch} "
-            f"images | {where}", say)
+            f"{plural(len(self.loaders.classes), 'class')} | {plural(self.steps_per_epoch, 'step')}/epoch of "
+            f"{plural(self.global_batch, 'image')} | {where}", say)
 
         row: dict[str, Any] = {}
         start_epoch = self.epoch
@@ -179,7 +180,7 @@ class Run:
             done = engine.EpochProgress.from_state(None, self.device)
         self.tracker.close()
         if start_epoch >= cfg.train.epochs:
-            log(f"nothing to train: {self.run_dir} already finished its {cfg.train.epochs} epochs", say)
+            log(f"nothing to train: {self.run_dir} already finished its {plural(cfg.train.epochs, 'epoch')}", say)
         else:
             log(f"done: best {self.best_metric} {self.best_value:.4f}; checkpoints in {self.run_dir} "
                 f"(evaluate with: mbv2 eval --ckpt {self.run_dir / ckpt.BEST})", say)

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import data_app, reports_user_errors
+from mbv2train.words import plural
 
 
 @data_app.command("demo")
@@ -23,7 +24,7 @@ def data_demo(dest: Annotated[Path, typer.Argument(help="Folder to write train/ 
     info = write_demo_dataset(dest)
     state = "written" if info["created"] else "already there"
     typer.echo(f"digits demo dataset {state}: {dest} ({info['train']} train / {info['val']} val images, "
-               f"{info['classes']} classes)")
+               f"{plural(info['classes'], 'class')})")
 
 
 @data_app.command("photos")
@@ -49,8 +50,8 @@ def data_photos(
     info = write_photo_dataset(dest, classes=classes, per_class=per_class, val_per_class=val_per_class,
                                workers=workers or available_cpus())
     state = "written" if info["created"] else "already there"
-    classes = f"{info['classes']} class" + ("es" if info["classes"] != 1 else "")
-    typer.echo(f"photo set {state}: {dest} ({info['train']} train / {info['val']} val JPEGs, {classes})")
+    typer.echo(f"photo set {state}: {dest} ({info['train']} train / {info['val']} val JPEGs, "
+               f"{plural(info['classes'], 'class')})")
 
 
 @data_app.command("check")

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import JsonOption, app, reports_user_errors
+from mbv2train.words import plural
 
 EmaOption = Annotated[Optional[bool], typer.Option(
     "--ema/--no-ema", help="Take the EMA weights or the raw ones; default: whichever the run's best metric "
@@ -62,7 +63,7 @@ def export(
     typer.echo(f"wrote {result['path']} ({result['bytes']:,} bytes)" + "".join(
         f" and {p}" for p in result["files"][1:]))
     typer.echo(f"checked: max abs logit difference {result['max_abs_diff']:.3g}, top-1 agreement "
-               f"{result['top1_agreement']:.2%} on {result['images']} images (needed: {result['tolerance']})")
+               f"{result['top1_agreement']:.2%} on {plural(result['images'], 'image')} (needed: {result['tolerance']})")
 
 
 @app.command()
@@ -108,6 +109,7 @@ def quantize(
     typer.echo(f"{'':30}{'float':>14}{'int8':>14}")
     for name, a, b in rows:
         typer.echo(f"{name:30}{a:>14}{b:>14}")
-    typer.echo(f"top-1 drop {100 * result['top1_drop']:.2f} points on {q['images']} images; int8 file "
-               f"{result['size_ratio']:.2f}x the float one; timed in eager PyTorch with {result['threads']} threads")
+    typer.echo(f"top-1 drop {100 * result['top1_drop']:.2f} points on {plural(q['images'], 'image')}; int8 file "
+               f"{result['size_ratio']:.2f}x the float one; timed in eager PyTorch with "
+               f"{plural(result['threads'], 'thread')}")
     typer.echo(f"wrote {result['output']} (evaluate it with: mbv2 eval --ckpt {result['output']})")

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import ConfigOption, SetOption, app, config_app, reports_user_errors
+from mbv2train.words import plural
 
 
 @app.command()
@@ -52,7 +53,7 @@ def summary(
         typer.echo(json.dumps({"model": "MobileNetV2", "width_mult": cfg.model.width_mult,
                                "num_classes": num_classes, **result.to_dict()}))
     else:
-        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {num_classes} classes, "
+        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {plural(num_classes, 'class')}, "
                  f"input {'x'.join(map(str, result.input_size))}")
         typer.echo(summ.format_summary(result, title))
 
