@@ -143,10 +143,17 @@ def _write_pt2(src: ModelSource, path: Path, fixed_batch: Optional[int], native:
     torch.export.save(_exported(src, fixed_batch), str(path), extra_files=metadata.as_strings(native))
 
 
-def _write_executorch(src: ModelSource, path: Path, fixed_batch: Optional[int], native: dict[str, Any]) -> None:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+def executorch_lowering():
+    """ExecuTorch's lowering function and its XNNPACK partitioner."""
+    with extras.torchao_notices_muted():  # executorch imports torchao
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
 
+    return to_edge_transform_and_lower, XnnpackPartitioner
+
+
+def _write_executorch(src: ModelSource, path: Path, fixed_batch: Optional[int], native: dict[str, Any]) -> None:
+    to_edge_transform_and_lower, XnnpackPartitioner = executorch_lowering()
     if src.quantized:
         # quantize/dequantize that XNNPACK does not take (an x86-quantized model's) run on ExecuTorch's
         # portable quantized kernels, which this import registers
