@@ -102,7 +102,7 @@ class Run:
         self.steps_per_epoch = len(self.loaders.train) // cfg.train.accum_steps
         if self.steps_per_epoch == 0:
             raise DataError(f"{self.loaders.train_dir}: too few images for one optimizer step of "
-                            f"{cfg.data.batch_size} x {cfg.train.accum_steps} accumulation steps")
+                            f"{cfg.data.batch_size} x {plural(cfg.train.accum_steps, 'accumulation step')}")
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.schedule, cfg.train.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         self.rt = engine.Runtime.create(device, amp_dtype, cfg.train.channels_last, cfg.data.mean, cfg.data.std)

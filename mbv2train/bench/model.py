@@ -224,6 +224,6 @@ def format_model_result(result: dict) -> str:
         cells = [row["setting"], fmt(row["train_img_per_s"]), ratio, fmt(row["infer_img_per_s"])]
         rows.append(cells + ([f"{row['peak_memory_gib']:.2f} GiB"] if cuda else []))
     title = (f"MobileNetV2 {result['width_mult']:g}, batch {result['batch_size']}, {result['image_size']} px, "
-             f"{result['device_name']}, torch {result['torch']}, {result['steps']} timed steps after "
+             f"{result['device_name']}, torch {result['torch']}, {plural(result['steps'], 'timed step')} after "
              f"{result['warmup']} warm-up")
     return title + "\n" + markdown_table(headers, rows)
