@@ -63,7 +63,8 @@ class Typer(typer.Typer):
     """typer.Typer whose groups and commands are the ones above."""
 
     def __init__(self, **kwargs):
-        super().__init__(cls=Group, **kwargs)
+        kwargs.setdefault("cls", Group)
+        super().__init__(**kwargs)
 
     def command(self, *args, **kwargs):
         kwargs.setdefault("cls", Command)
