@@ -235,7 +235,7 @@ class Config:
                 problems.append(("model.pretrained_sha256",
                                  f"must be 64 hexadecimal digits, got {m.pretrained_sha256!r}"))
         if o.nesterov and (o.name != "sgd" or o.momentum == 0):
-            problems.append(("optim.nesterov", "needs optim.name sgd with momentum > 0"))
+            problems.append(("optim.nesterov", "needs optim.name sgd with optim.momentum > 0"))
         if t.best_metric is not None and t.best_metric not in BEST_METRICS:
             problems.append(("train.best_metric",
                              f"must be one of {', '.join(BEST_METRICS)}; got {t.best_metric!r}"))
@@ -247,8 +247,7 @@ class Config:
 def _checked(cfg: Config, origin: dict[str, str], default_where: str) -> Config:
     problems = cfg.problems()
     if problems:
-        key, message = problems[0]
-        raise ConfigError(f"{origin.get(key, default_where)}: {key}: {message}")
+        raise yaml_schema.clash_error(*problems[0], origin, default_where)
     return cfg
 
 

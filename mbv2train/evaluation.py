@@ -21,6 +21,7 @@ from mbv2train.deploy import int8file
 from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.model import build_model
 from mbv2train.devices import resolve_amp, resolve_device
+from mbv2train.words import plural
 
 TTA_MODES = ("flip",)
 MIN_CROP = 8  # data.val_crop's lower bound
@@ -76,8 +77,8 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
         raise DataError(f"{val_dir}: its class folders differ from the checkpoint's classes "
                         f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(extra[:5]) or '-'})")
     if classes is None and len(found) != cfg.model.num_classes:
-        raise DataError(f"{val_dir}: {len(found)} class folders but the model predicts "
-                        f"{cfg.model.num_classes} classes")
+        raise DataError(f"{val_dir}: {plural(len(found), 'class folder')} but the model predicts "
+                        f"{plural(cfg.model.num_classes, 'class')}")
 
     tta_flip = req.tta == "flip"
     metrics = engine.evaluate(loaded.model, loader, loaded.rt, per_class=per_class, tta_flip=tta_flip)

@@ -28,6 +28,7 @@ from mbv2train.data.transforms import ValTransform
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.evaluation import EvalRequest, load_model
 from mbv2train.progress import Progress
+from mbv2train.words import plural
 
 DEFAULT_TOPK = 5
 
@@ -148,7 +149,7 @@ def predict(req: PredictRequest, on_prediction: Callable[[Prediction], None],
     # a default that a small model cannot meet would make the command fail unasked; a number asked for is kept
     topk = min(DEFAULT_TOPK, len(classes)) if req.topk is None else req.topk
     if topk > len(classes):
-        raise ConfigError(f"--topk {topk}: the checkpoint's model has {len(classes)} classes; "
+        raise ConfigError(f"--topk {topk}: the checkpoint's model has {plural(len(classes), 'class')}; "
                           f"choose 1 to {len(classes)}")
     paths = find_images(req.paths)
 

@@ -29,6 +29,7 @@ from mbv2train import checkpoint as ckpt
 from mbv2train.config import PRETRAINED_TAGS, Config, ModelConfig
 from mbv2train.errors import CheckpointError
 from mbv2train.model import HEAD, MobileNetV2
+from mbv2train.words import plural
 
 __all__ = ["Source", "LoadReport", "read", "resolve_config", "load_into", "torchvision_file"]
 
@@ -66,8 +67,8 @@ class LoadReport:
 
     def line(self, source: Source) -> str:
         where = f"{source.name} ({source.file}, " if source.name in PRETRAINED_TAGS else f"{source.file} ("
-        what = f"pretrained: {where}sha256 {source.sha256[:12]}...): loaded {self.loaded} tensors"
-        counts = f"{self.source_classes} classes in the file, {self.model_classes} in the data"
+        what = f"pretrained: {where}sha256 {source.sha256[:12]}...): loaded {plural(self.loaded, 'tensor')}"
+        counts = f"{plural(self.source_classes, 'class')} in the file, {self.model_classes} in the data"
         if self.kept_rows is not None:
             named = ", ".join(self.fresh_classes[:NAMES_SHOWN])
             if len(self.fresh_classes) > NAMES_SHOWN:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from mbv2train.config import Config
 from mbv2train.errors import CheckpointError
+from mbv2train.words import plural
 
 
 def saved_global_batch(state: dict[str, Any]) -> int:
@@ -48,20 +49,17 @@ def keep_global_batch(cfg: Config, state: Optional[dict[str, Any]], world_size: 
         batch, accum = target // world_size, 1
     else:
         working = [n for n in range(1, target + 1) if target % n == 0]
-        raise CheckpointError(f"cannot resume the global batch of {target} on {world_size} processes: "
+        raise CheckpointError(f"cannot resume the global batch of {target} on {plural(world_size, 'process')}: "
                               f"{world_size} does not divide it; process counts that do: "
                               f"{', '.join(map(str, working[:12]))}{' ...' if len(working) > 12 else ''}")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch),
                               train=dataclasses.replace(cfg.train, accum_steps=accum))
-    note = (f"warning: resuming on {_processes(world_size)} instead of {saved_processes}: global batch {target} "
-            f"kept as data.batch_size {batch} x {_processes(world_size)} x train.accum_steps {accum}; BatchNorm "
+    processes = plural(world_size, "process")
+    note = (f"warning: resuming on {processes} instead of {saved_processes}: global batch {target} "
+            f"kept as data.batch_size {batch} x {processes} x train.accum_steps {accum}; BatchNorm "
             f"statistics come from per-process batches of another size, so the run is no longer bit-identical "
             f"to one that was not interrupted")
     return cfg, note
-
-
-def _processes(count: int) -> str:
-    return f"{count} process" if count == 1 else f"{count} processes"
 
 
 def split_rank_parts(parts, world_size: int):

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from mbv2train import checkpoint as ckpt
 from mbv2train.errors import CheckpointError, ConfigError
+from mbv2train.words import plural
 
 # Settings that change where files are or how fast things run, not what is computed. Any other
 # difference between the saved config and the resumed one would make the run a different experiment.
@@ -172,7 +173,7 @@ def check_resumable(state: dict[str, Any], config: dict, classes: list[str], wor
     """(allowed, harmless) changes against the checkpoint; raises CheckpointError for any other change."""
     if state["class_names"] != classes:
         raise CheckpointError("the checkpoint's class list differs from the training data's "
-                              f"({len(state['class_names'])} vs {len(classes)} classes)")
+                              f"({len(state['class_names'])} vs {plural(len(classes), 'class')})")
     return check_config_changes(state, config, world_size, allow_changes)
 
 

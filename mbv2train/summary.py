@@ -17,6 +17,7 @@ from torch import nn
 from mbv2train.config import Config
 from mbv2train.data.folders import class_folders
 from mbv2train.model import MobileNetV2, build_model
+from mbv2train.words import plural
 
 GRID_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 GRID_RESOLUTIONS = (96, 128, 160, 192, 224)
@@ -214,7 +215,7 @@ def format_grid(cells: list[dict], num_classes: int) -> str:
     sizes = sorted({c["image_size"] for c in cells})
     by_key = {(c["width_mult"], c["image_size"]): c for c in cells}
     header = f"{'width':<7}{'params':>10}" + "".join(f"{f'{px}px':>11}" for px in sizes)
-    lines = [f"MobileNetV2 parameters and multiply-adds per image ({num_classes} classes)", "", header,
+    lines = [f"MobileNetV2 parameters and multiply-adds per image ({plural(num_classes, 'class')})", "", header,
              "-" * len(header)]
     for w in widths:
         row = f"{w:<7g}{human(by_key[(w, sizes[0])]['params']):>10}"

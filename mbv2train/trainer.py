@@ -29,6 +29,7 @@ from mbv2train.progress import Progress, log
 # without_timing is imported from here by callers that compare runs
 from mbv2train.tracking import (NullTracker, Tracker, append_event, augmented_samples, epoch_line,  # noqa: F401
                                 truncate_metrics, without_timing)
+from mbv2train.words import plural
 
 
 def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] = (),
@@ -104,7 +105,7 @@ class Run:
         self.steps_per_epoch = len(self.loaders.train) // cfg.train.accum_steps
         if self.steps_per_epoch == 0:
             raise DataError(f"{self.loaders.train_dir}: too few images for one optimizer step of "
-                            f"{cfg.data.batch_size} x {cfg.train.accum_steps} accumulation steps")
+                            f"{cfg.data.batch_size} x {plural(cfg.train.accum_steps, 'accumulation step')}")
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.schedule, cfg.train.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         self.rt = engine.Runtime.create(device, amp_dtype, cfg.train.channels_last, cfg.data.mean, cfg.data.std)
@@ -172,8 +173,8 @@ class Run:
         where = (f"resuming at epoch {self.epoch + 1}, step {done.steps}/{self.steps_per_epoch}" if state is not None
                  else "starting")
         log(f"run dir {self.run_dir} | {self.device.type} x {self.dist.world_size} | {precision} | "
-            f"{len(self.loaders.classes)} classes | {self.steps_per_epoch} steps/epoch of {self.global_batch} "
-            f"images | {where}", say)
+            f"{plural(len(self.loaders.classes), 'class')} | {plural(self.steps_per_epoch, 'step')}/epoch of "
+            f"{plural(self.global_batch, 'image')} | {where}", say)
 
         row: dict[str, Any] = {}
         for epoch in range(self.epoch + 1, cfg.train.epochs + 1):

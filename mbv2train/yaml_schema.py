@@ -174,6 +174,22 @@ def _one_line(exc: Exception) -> str:
 # Validation
 
 
+# a dotted key as a message names it: "train.epochs"
+_KEY_IN_TEXT = re.compile(r"\b[a-z_]+\.[a-z0-9_]+\b")
+
+
+def clash_error(key: str, message: str, origin: dict[str, str], default_where: str) -> ConfigError:
+    """ConfigError for a check on ``key`` that involves the other keys its ``message`` names. The command-line
+    options that set any of them are blamed, since they came last and made the clash (``--set train.epochs=1``
+    against a recipe's warmup), else wherever ``key`` was set; an involved key set elsewhere says where."""
+    involved = [key, *(k for k in dict.fromkeys(_KEY_IN_TEXT.findall(message)) if k != key)]
+    sources = {k: origin[k] for k in involved if k in origin}  # keys left at their default have none
+    typed = list(dict.fromkeys(where for where in sources.values() if where.startswith("--")))
+    blamed = typed or [sources.get(key, default_where)]
+    elsewhere = [f"{k} from {where}" for k, where in sources.items() if where not in blamed]
+    return ConfigError(f"{', '.join(blamed)}: {key}: {message}" + (f" ({'; '.join(elsewhere)})" if elsewhere else ""))
+
+
 def _check_name(root: type, section: str, key: str | None, where: str) -> None:
     sections = section_classes(root)
     if section not in sections:

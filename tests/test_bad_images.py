@@ -196,15 +196,22 @@ def test_training_with_too_many_bad_images_stops(bad_root, bad_paths):
         run_epoch(loaders, 0, log)
 
 
-def test_a_long_run_of_bad_files_stops_the_worker_naming_the_file(bad_root):
-    for i in range(4):
+@pytest.mark.parametrize("bad, fraction, expected", [
+    (4, 0.1, "3 of 22 train images are unreadable ({first} and 2 files after it), more than "
+             "data.max_bad_fraction 0.1 allows (2)"),  # a0..a3 in a row; the fourth is never reached
+    (2, 0.05, "2 of 20 train images are unreadable ({first} and 1 file after it), more than "
+              "data.max_bad_fraction 0.05 allows (1)"),
+])
+def test_a_long_run_of_bad_files_stops_the_worker_naming_the_file(bad_root, bad, fraction, expected):
+    for i in range(bad):
         (bad_root / "train" / "cat" / f"a{i}.jpg").write_bytes(b"")
     folder = data.ImageFolderDataset(bad_root / "train")
     dataset = SeededDataset(folder, data.build_train_transform(skip_cfg(bad_root)), 0, bad_images="skip",
-                            max_bad_fraction=0.1)  # 2 of 22 allowed; a0..a3 are 4 bad files in a row
-    with pytest.raises(DataError, match=r"cannot read image .*cat/a0\.jpg nor the 2 images after it: more "
-                                        r"than data.max_bad_fraction 0.1 of the 22 train images"):
+                            max_bad_fraction=fraction)
+    with pytest.raises(DataError) as stopped:
         dataset[(0, 0)]
+    first = bad_root / "train" / "cat" / "a0.jpg"
+    assert str(stopped.value) == (expected.format(first=first) + f"; run `mbv2 data check {bad_root / 'train'}`")
 
 
 def test_every_file_unreadable_is_an_error(tmp_path):

@@ -27,6 +27,13 @@ def test_train_command_runs_and_prints_epoch_lines(cli, image_root, tmp_path):
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
 
 
+def test_the_start_line_counts_one_step_in_the_singular(cli, image_root, tmp_path):
+    # 3 classes of 8 training images: one batch of 24 is the whole epoch
+    result = cli(*train_args(image_root, tmp_path / "run", "train.epochs=1", "data.batch_size=24"))
+    assert result.exit_code == 0, result.output
+    assert "| 3 classes | 1 step/epoch of 24 images |" in result.stdout
+
+
 def test_data_option_sets_the_root_and_output_dir_the_run(cli, image_root, tmp_path):
     result = cli(*train_args(image_root, tmp_path / "here", "train.epochs=1"))
     assert result.exit_code == 0, result.output

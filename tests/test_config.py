@@ -169,3 +169,34 @@ def test_command_line_options_apply_last_and_are_named_in_errors(write_yaml):
     assert cfg.model.width_mult == 1.4 and cfg.model.num_classes is None
     with pytest.raises(ConfigError, match=r"^--num-classes 0: model.num_classes: must be >= 1, got 0$"):
         load_config(path, options={"model.num_classes": ("--num-classes", 0)})
+
+
+def test_a_clash_between_keys_names_the_override_that_caused_it(write_yaml):
+    path = write_yaml("schedule:\n  warmup_epochs: 1\ntrain:\n  epochs: 30\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.epochs=1"])
+    assert str(info.value) == ("--set train.epochs=1: schedule.warmup_epochs: 1 is not shorter than train.epochs 1 "
+                               f"(schedule.warmup_epochs from {path})")
+
+
+def test_a_clash_between_two_overrides_names_both(write_yaml):
+    with pytest.raises(ConfigError, match=r"^--set schedule.warmup_epochs=5, --set train.epochs=2: "
+                                          r"schedule.warmup_epochs: 5 is not shorter than train.epochs 2$"):
+        load_config(None, ["schedule.warmup_epochs=5", "train.epochs=2"])
+    with pytest.raises(ConfigError, match=r"^--set optim.momentum=0: optim.nesterov: needs optim.name sgd with "
+                                          r"optim.momentum > 0 \(optim.nesterov from .*config.yaml\)$"):
+        load_config(write_yaml("optim:\n  nesterov: true\n"), ["optim.momentum=0"])
+
+
+def test_a_clash_within_one_file_still_names_the_file(write_yaml):
+    path = write_yaml("data:\n  val_resize: 128\n  val_crop: 160\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["model.dropout=0.1"])  # an override that has nothing to do with it
+    assert str(info.value) == f"{path}: data.val_crop: 160 is larger than data.val_resize 128"
+
+
+def test_the_override_of_a_clash_is_named_on_the_command_line(cli):
+    result = cli("config", "show", "--config", "configs/finetune.yaml", "--set", "train.epochs=1")
+    assert result.exit_code == 2
+    assert result.stderr == ("error: --set train.epochs=1: schedule.warmup_epochs: 1 is not shorter than "
+                             "train.epochs 1 (schedule.warmup_epochs from configs/finetune.yaml)\n")

@@ -142,6 +142,16 @@ def test_non_image_files_are_notes_not_problems(root):
     assert {n["kind"] for n in report["notes"]} == {"ignored_file"}
 
 
+def test_the_report_counts_one_of_a_kind_in_the_singular():
+    report = {"root": "/d", "splits": {"train": {"images": 1, "classes": 1, "path": "/d/train"}},
+              "problems": [], "notes": [{"kind": "ignored_file", "path": "/d/train/cat/labels.csv"}],
+              "errors": 0, "warnings": 0, "strict": False, "ok": True}
+    assert format_report(report).splitlines() == [
+        "train: 1 image in 1 class (/d/train)",
+        "note: 1 file ignored by training (not images, or outside class folders): /d/train/cat/labels.csv",
+        "ok: /d: 1 image, no problems"]
+
+
 def test_missing_val_split_is_a_problem(root):
     for c in CLASSES:
         for image in (root / "val" / c).iterdir():

@@ -334,3 +334,13 @@ def test_the_readme_lines_run_the_onnx_model_without_mbv2_and_name_evals_class(t
     assert run.returncode == 0, run.stderr
     classes = load_model(EvalRequest(ckpt=ckpt, device="cpu")).classes
     assert run.stdout.strip() == classes[expected.argmax(1).item()]
+
+
+def test_loading_the_executorch_exporter_says_nothing_of_its_dependencies():
+    # importing executorch imports torchao, which logs a deprecation notice of torch's on stderr (a W line in
+    # glog's format) once per process: not the user's business, and it would sit between export's own lines
+    needs("executorch")
+    code = "from mbv2train.deploy.export import executorch_lowering; executorch_lowering()"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""

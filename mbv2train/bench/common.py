@@ -9,6 +9,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from mbv2train.words import plural
+
 
 def say(message: str) -> None:
     """Progress goes to stderr, so stdout holds only the results (and only JSON with --json)."""
@@ -25,7 +27,7 @@ def synchronize(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine() or 'CPU'}, {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine() or 'CPU'}, {plural(torch.get_num_threads(), 'thread')}"
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from mbv2train.config import Config, DataConfig
 from mbv2train.data import available_cpus, build_loaders
 from mbv2train.errors import DataError
 from mbv2train.devices import resolve_device
+from mbv2train.words import plural
 
 ROUNDS = 3
 
@@ -83,7 +84,7 @@ def bench_data(cfg: Config, batches: int | None = None, reference: bool = True) 
     rounds = min(ROUNDS, batches)
     per_round = math.ceil(batches / rounds)
     if len(ours) < warmup + per_round:
-        raise DataError(f"{loaders.train_dir} gives {len(ours)} batches of {data_cfg.batch_size} per epoch; "
+        raise DataError(f"{loaders.train_dir} gives {plural(len(ours), 'batch')} of {data_cfg.batch_size} per epoch; "
                         f"bench data needs {warmup + per_round} per round ({warmup} warm-up + {per_round} timed): "
                         f"lower --batches or data.batch_size, or use more images")
 
@@ -97,8 +98,8 @@ def bench_data(cfg: Config, batches: int | None = None, reference: bool = True) 
     totals = {name: [0, 0.0, 0.0] for name in pipelines}  # images, seconds, CPU seconds
     per_round_rates = []
     say(f"bench data: {loaders.train_dir}, batch {data_cfg.batch_size}, {data_cfg.image_size} px, "
-        f"decode {data_cfg.decode}, {workers} workers, device {device.type}; {rounds} rounds of "
-        f"{warmup} warm-up + {per_round} timed batches per pipeline")
+        f"decode {data_cfg.decode}, {plural(workers, 'worker')}, device {device.type}; {plural(rounds, 'round')} of "
+        f"{warmup} warm-up + {plural(per_round, 'timed batch')} per pipeline")
     with torch_threads(1) if workers == 0 else contextlib.nullcontext():
         for r in range(rounds):
             loaders.train_sampler.set_epoch(r + 1)
@@ -136,7 +137,7 @@ def bench_data(cfg: Config, batches: int | None = None, reference: bool = True) 
 
 def format_data_result(result: dict) -> str:
     per = "per core" if result["workers"] == 0 else "per worker"
-    lines = [f"training loader ({result['decode']} decode, {result['workers']} workers, {result['device']}): "
+    lines = [f"training loader ({result['decode']} decode, {plural(result['workers'], 'worker')}, {result['device']}): "
              f"{result['img_per_s']:.0f} img/s, {result['img_per_s_per_worker']:.0f} img/s {per}"]
     if result["reference_img_per_s"] is not None:
         lines.append(f"torchvision reference preset: {result['reference_img_per_s']:.0f} img/s, "
@@ -144,6 +145,6 @@ def format_data_result(result: dict) -> str:
         spread = [r["img_per_s"] / r["reference_img_per_s"] for r in result["rounds"]]
         lines.append(f"ratio: {result['ratio']:.2f}x (rounds {min(spread):.2f}x-{max(spread):.2f}x)"
                      + (f"; per CPU-second {result['cpu_ratio']:.2f}x" if result.get("cpu_ratio") else ""))
-    lines.append(f"batch {result['batch_size']}, {result['image_size']} px, {result['batches']} timed batches "
-                 f"each, {result['cpus']} CPUs")
+    lines.append(f"batch {result['batch_size']}, {result['image_size']} px, {plural(result['batches'], 'timed batch')} "
+                 f"each, {plural(result['cpus'], 'CPU')}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from mbv2train.bench.common import device_name, rate, say, synchronize
 from mbv2train.config import Config
 from mbv2train.errors import ConfigError, UserError
 from mbv2train.model import build_model
+from mbv2train.words import plural
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_FORMATS = ("contiguous", "channels_last")
@@ -146,7 +147,8 @@ def bench_model(cfg: Config, device: torch.device, batch_size: int, steps: int, 
         settings += [(p, f, True) for p in precisions for f in memory_formats
                      if compile_only is None or (p, f) in compile_only]
     say(f"bench model: MobileNetV2 {cfg.model.width_mult:g}, batch {batch_size}, {image_size} px, "
-        f"{device_name(device)}, {steps} timed steps after {warmup} warm-up, {len(settings)} settings")
+        f"{device_name(device)}, {plural(steps, 'timed step')} after {warmup} warm-up, "
+        f"{plural(len(settings), 'setting')}")
     ref = None
     if reference:
         ref = _guard_memory(lambda: reference_rate(cfg, device, images, labels, steps, warmup), batch_size)
@@ -222,6 +224,6 @@ def format_model_result(result: dict) -> str:
         cells = [row["setting"], fmt(row["train_img_per_s"]), ratio, fmt(row["infer_img_per_s"])]
         rows.append(cells + ([f"{row['peak_memory_gib']:.2f} GiB"] if cuda else []))
     title = (f"MobileNetV2 {result['width_mult']:g}, batch {result['batch_size']}, {result['image_size']} px, "
-             f"{result['device_name']}, torch {result['torch']}, {result['steps']} timed steps after "
+             f"{result['device_name']}, torch {result['torch']}, {plural(result['steps'], 'timed step')} after "
              f"{result['warmup']} warm-up")
     return title + "\n" + markdown_table(headers, rows)

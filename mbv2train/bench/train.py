@@ -27,6 +27,7 @@ from mbv2train.distributed import DistInfo
 from mbv2train.errors import ConfigError
 from mbv2train.faults import NO_FAULTS
 from mbv2train.preemption import StopFlag
+from mbv2train.words import is_or_are, plural
 
 DATA_BOUND_FRACTION = 0.05  # waiting for data longer than this share of the time leaves the device idle
 
@@ -101,7 +102,8 @@ def verdict(wait_fraction: float, cfg: Config, workers: int, cpus: int, device: 
                                  "memory formats and torch.compile"]
     advice = []
     if workers < cpus:
-        advice.append(f"more loader workers: data.num_workers is {workers} and {cpus} CPUs are available")
+        advice.append(f"more loader workers: data.num_workers is {workers} and {plural(cpus, 'CPU')} "
+                      f"{is_or_are(cpus)} available")
     if cfg.data.decode == "workers" and device.type == "cuda":
         advice.append("decode JPEGs on the GPU: data.decode=device")
     if cfg.data.auto_augment != "none" or cfg.data.random_erasing > 0:
@@ -154,8 +156,8 @@ def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) 
     epochs = -(-total // run.steps_per_epoch)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[run.amp_dtype]
     say(f"bench train: {run.loaders.train_dir}, batch {run.global_batch}, {cfg.data.image_size} px, "
-        f"{device.type}, {precision}, decode {cfg.data.decode}, {workers} workers; "
-        f"{warmup} warm-up + {steps} timed steps" + (f" over {epochs} epochs" if epochs > 1 else ""))
+        f"{device.type}, {precision}, decode {cfg.data.decode}, {plural(workers, 'worker')}; "
+        f"{warmup} warm-up + {plural(steps, 'timed step')}" + (f" over {epochs} epochs" if epochs > 1 else ""))
     global_step, epoch, loss, sync_error = 0, 0, None, None
     try:
         while global_step < total:
@@ -200,7 +202,7 @@ def format_train_result(result: dict) -> str:
     lines = [f"training: {result['img_per_s']:.1f} img/s ({result['amp']}, "
              f"{'channels_last' if result['channels_last'] else 'contiguous'}"
              f"{', compiled' if result['compile'] else ''}, batch {result['batch_size']}, "
-             f"{result['image_size']} px, {result['device']}, {result['workers']} workers, "
+             f"{result['image_size']} px, {result['device']}, {plural(result['workers'], 'worker')}, "
              f"{result['decode']} decode)",
              f"waiting for data: {result['data_wait_frac']:.1%} of the time -> {result['verdict']}"]
     if result.get("decode_wait_ms_per_batch") is not None:

@@ -4,6 +4,7 @@ torch is imported inside the commands that need it, so ``mbv2 --help`` and confi
 once instead of after the second or more that importing torch takes.
 
 app.py       the Typer apps, shared options, and the wrapper that turns user errors into one line
+helptext.py  how --help reads: flags without placeholders, arguments by name, paragraphs wrapped once
 training.py  mbv2 train, mbv2 eval
 predict.py   mbv2 predict
 datasets.py  mbv2 data demo | photos | check

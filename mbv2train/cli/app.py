@@ -9,20 +9,20 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train import __version__, launch
+from mbv2train.cli.helptext import Typer
 from mbv2train.errors import UserError
 
-app = typer.Typer(
+app = Typer(
     help="Train, evaluate and inspect MobileNetV2 (Sandler et al., 2018) on ImageNet-style image folders.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Inspect and check YAML configs.", no_args_is_help=True)
+config_app = Typer(help="Inspect and check YAML configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-data_app = typer.Typer(help="Datasets: write the demo and photo sets, check a dataset.", no_args_is_help=True)
+data_app = Typer(help="Datasets: write the demo and photo sets, check a dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-bench_app = typer.Typer(help="Measure where training time goes: the loader, the model step, both together.",
-                        no_args_is_help=True)
+bench_app = Typer(help="Measure where training time goes: loader, model step, both.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 ConfigOption = Annotated[Optional[Path], typer.Option(

@@ -40,10 +40,10 @@ def bench_data(
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The training loader alone, against torchvision's reference pipeline: images/s and per worker.
+    """Time the training loader alone, against torchvision's pipeline.
 
-    Both read the same folder with the same batch size and workers, in alternating rounds; with --workers 0
-    each runs in this process on one thread, so the figure is per core.
+    Images/s, in all and per worker. Both read the same folder with the same batch size and workers, in
+    alternating rounds; with --workers 0 each runs in this process on one thread, so the figure is per core.
     """
     cfg = _load(config, overrides, **{"data.root": ("--data", str(data) if data is not None else None),
                                       "data.decode": ("--decode", decode),
@@ -73,10 +73,10 @@ def bench_model(
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """The model step alone: training and inference images/s per precision and memory format.
+    """Time the model step alone, per precision and memory format.
 
-    Synthetic batches already in memory; with --compile also each setting under torch.compile; peak memory
-    on a GPU. The model and the image size come from the config.
+    Training and inference images/s on synthetic batches already in memory; with --compile also each
+    setting under torch.compile; peak memory on a GPU. The model and the image size come from the config.
     """
     cfg = _load(config, overrides, **{"train.device": ("--device", device)})
     from mbv2train.bench.model import MEMORY_FORMATS, bench_model as measure, format_model_result
@@ -102,9 +102,10 @@ def bench_train(
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Real training steps end to end: images/s, time waiting for data, data-bound or compute-bound.
+    """Time real training steps, loader and model together.
 
-    The steps run as `mbv2 train` runs them, without a run directory, checkpoints or validation.
+    Images/s, the time spent waiting for data, and whether the steps are data-bound or compute-bound. The
+    steps run as `mbv2 train` runs them, without a run directory, checkpoints or validation.
     """
     cfg = _load(config, overrides, **{"data.root": ("--data", str(data) if data is not None else None)})
     from mbv2train.bench.train import bench_train as measure, format_train_result

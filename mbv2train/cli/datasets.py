@@ -9,18 +9,22 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import data_app, reports_user_errors
+from mbv2train.words import plural
 
 
 @data_app.command("demo")
 @reports_user_errors
 def data_demo(dest: Annotated[Path, typer.Argument(help="Folder to write train/ and val/ into.")]) -> None:
-    """Write scikit-learn's handwritten digits (1,797 real scans, 10 classes) as an ImageFolder of PNGs."""
+    """Write the digits demo set: 1,797 real scans in 10 classes.
+
+    scikit-learn's handwritten digits, as an ImageFolder of PNGs.
+    """
     from mbv2train.data.demo import write_demo_dataset
 
     info = write_demo_dataset(dest)
     state = "written" if info["created"] else "already there"
     typer.echo(f"digits demo dataset {state}: {dest} ({info['train']} train / {info['val']} val images, "
-               f"{info['classes']} classes)")
+               f"{plural(info['classes'], 'class')})")
 
 
 @data_app.command("photos")
@@ -33,10 +37,10 @@ def data_photos(
         min=1, help="Validation images per class (default: a tenth of --per-class, at least 1).")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Processes to write with (default: all cores).")] = None,
 ) -> None:
-    """Write an ImageFolder of ImageNet-like JPEGs cut from scikit-learn's two sample photos.
+    """Write an ImageFolder of ImageNet-like JPEGs for benchmarks.
 
-    Sizes, shapes and quality as ImageNet's (mostly 500x375, quality 85-95): real photographic content
-    for `mbv2 bench`, made offline.
+    Cut from scikit-learn's two sample photos, with ImageNet's sizes, shapes and quality (mostly 500x375,
+    quality 85-95): real photographic content for `mbv2 bench`, made offline.
 
     The same options write the same files; a folder already holding them is left as it is.
     """
@@ -46,8 +50,8 @@ def data_photos(
     info = write_photo_dataset(dest, classes=classes, per_class=per_class, val_per_class=val_per_class,
                                workers=workers or available_cpus())
     state = "written" if info["created"] else "already there"
-    classes = f"{info['classes']} class" + ("es" if info["classes"] != 1 else "")
-    typer.echo(f"photo set {state}: {dest} ({info['train']} train / {info['val']} val JPEGs, {classes})")
+    typer.echo(f"photo set {state}: {dest} ({info['train']} train / {info['val']} val JPEGs, "
+               f"{plural(info['classes'], 'class')})")
 
 
 @data_app.command("check")
@@ -59,10 +63,11 @@ def data_check(
     strict: Annotated[bool, typer.Option(
         "--strict", help="Fail on warnings too (files that train fine but other tools may misread).")] = False,
 ) -> None:
-    """Scan a dataset for unreadable images, empty or mismatched class folders and wrong extensions.
+    """Scan a dataset for unreadable images and class-folder mistakes.
 
-    Exits 1 when it finds an error (training would stop or lose files), 0 otherwise; warnings (e.g. PNG data
-    in a .jpg file) are reported but exit 0 unless --strict.
+    Finds unreadable images, empty or mismatched class folders and wrong extensions. Exits 1 when it finds
+    an error (training would stop or lose files), 0 otherwise; warnings (e.g. PNG data in a .jpg file) are
+    reported but exit 0 unless --strict.
     """
     from mbv2train.data.check import check_dataset, format_report
 

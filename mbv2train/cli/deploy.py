@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import JsonOption, app, reports_user_errors
+from mbv2train.words import plural
 
 EmaOption = Annotated[Optional[bool], typer.Option(
     "--ema/--no-ema", help="Take the EMA weights or the raw ones; default: whichever the run's best metric "
@@ -36,8 +37,10 @@ def export(
     images: Annotated[int, typer.Option(help="How many val images to check the export on.")] = 256,
     as_json: JsonOption = False,
 ) -> None:
-    """Write the model in a deployment format, load it back in that format's runtime and check it against
-    PyTorch on real images; fails (exit 1) when it disagrees beyond the tolerance (docs/DEPLOY.md).
+    """Write a model in a deployment format, checked against PyTorch.
+
+    The file is loaded back in its format's runtime and compared with PyTorch on real images; the command
+    fails (exit 1) when they disagree beyond the tolerance (docs/DEPLOY.md).
 
     Every file carries the class names and the preprocessing (mbv2.classes, mbv2.mean, mbv2.std,
     mbv2.resize, mbv2.crop, mbv2.interpolation, mbv2.checkpoint_sha256, mbv2.version): in the ONNX
@@ -60,7 +63,7 @@ def export(
     typer.echo(f"wrote {result['path']} ({result['bytes']:,} bytes)" + "".join(
         f" and {p}" for p in result["files"][1:]))
     typer.echo(f"checked: max abs logit difference {result['max_abs_diff']:.3g}, top-1 agreement "
-               f"{result['top1_agreement']:.2%} on {result['images']} images (needed: {result['tolerance']})")
+               f"{result['top1_agreement']:.2%} on {plural(result['images'], 'image')} (needed: {result['tolerance']})")
 
 
 @app.command()
@@ -79,8 +82,10 @@ def quantize(
     ema: EmaOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Quantize a model to int8 (PT2E post-training quantization) and compare it with the float model:
-    top-1 / top-5 on the val split, file sizes, CPU latency at batch 1 and throughput at batch 32.
+    """Quantize a model to int8 and compare it with the float one.
+
+    PT2E post-training quantization; the comparison: top-1 / top-5 on the val split, file sizes, CPU latency
+    at batch 1 and throughput at batch 32.
 
     The int8 file loads in mbv2 eval and mbv2 predict, and mbv2 export writes it as ONNX (with
     QuantizeLinear/DequantizeLinear nodes), pt2 or ExecuTorch.
@@ -104,6 +109,7 @@ def quantize(
     typer.echo(f"{'':30}{'float':>14}{'int8':>14}")
     for name, a, b in rows:
         typer.echo(f"{name:30}{a:>14}{b:>14}")
-    typer.echo(f"top-1 drop {100 * result['top1_drop']:.2f} points on {q['images']} images; int8 file "
-               f"{result['size_ratio']:.2f}x the float one; timed in eager PyTorch with {result['threads']} threads")
+    typer.echo(f"top-1 drop {100 * result['top1_drop']:.2f} points on {plural(q['images'], 'image')}; int8 file "
+               f"{result['size_ratio']:.2f}x the float one; timed in eager PyTorch with "
+               f"{plural(result['threads'], 'thread')}")
     typer.echo(f"wrote {result['output']} (evaluate it with: mbv2 eval --ckpt {result['output']})")

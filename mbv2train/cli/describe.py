@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import ConfigOption, SetOption, app, config_app, reports_user_errors
+from mbv2train.words import plural
 
 
 @app.command()
@@ -31,8 +32,10 @@ def summary(
         "--grid", help="Parameters and multiply-adds for widths 0.35-1.4 at 96-224 px, as one table.")] = False,
     overrides: SetOption = None,
 ) -> None:
-    """Print the layer table, parameter count and multiply-adds of MobileNetV2: the one --config describes
-    (its width, data.image_size, and classes), ImageNet's at 224 px without one."""
+    """Print MobileNetV2's layer table, parameters and multiply-adds.
+
+    The model is the one --config describes (its width, data.image_size, and classes), ImageNet's at 224 px
+    without one."""
     from mbv2train.config import load_config
 
     cfg = load_config(config, overrides or [], options={"model.width_mult": ("--width-mult", width_mult),
@@ -60,7 +63,7 @@ def summary(
                                "num_classes": num_classes, **result.to_dict()}))
     else:
         source = f" ({classes_from})" if classes_from else ""
-        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {num_classes} classes{source}, "
+        title = (f"MobileNetV2, width {cfg.model.width_mult:g}, {plural(num_classes, 'class')}{source}, "
                  f"input {'x'.join(map(str, result.input_size))}")
         typer.echo(summ.format_summary(result, title))
 

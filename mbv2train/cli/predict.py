@@ -30,8 +30,10 @@ def predict(
         help="auto, cpu or cuda; default: the checkpoint's train.device.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per image.")] = False,
 ) -> None:
-    """Print the most probable classes of each image: one line per image, tab-separated: the path, then
-    the class and its probability for each of the top-k classes, most probable first.
+    """Print the most probable classes of each image.
+
+    One line per image, tab-separated: the path, then the class and its probability for each of the top-k
+    classes, most probable first.
 
     Results go to stdout in the order the paths were given (a folder's images in sorted order); the
     progress bar and warnings go to stderr. An unreadable file gets one warning line and the command

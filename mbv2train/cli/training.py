@@ -34,7 +34,7 @@ def train(
         hidden=True, help="Write how the run ended here (one line of JSON) for a job script; a stop by a "
                           "signal then exits 0 (scripts/slurm/train.sbatch).")] = None,
 ) -> None:
-    """Train MobileNetV2 on an ImageNet-style folder (one subfolder per class).
+    """Train MobileNetV2 on an ImageNet-style folder of class folders.
 
     SIGTERM, SIGINT or SIGUSR1 finish the current step, write a checkpoint and exit with 128 + the signal
     number; a second Ctrl-C stops at once. Under torchrun, a process that dies or hangs past
@@ -108,7 +108,7 @@ def evaluate(
         help="Test-time augmentation: 'flip' averages the logits of each image and its mirror image.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Report loss, top-1 and top-5 of a checkpoint on a validation folder."""
+    """Report loss, top-1 and top-5 of a checkpoint on a val folder."""
     from mbv2train.evaluation import EvalRequest, parse_resolutions, run_eval
 
     result = run_eval(EvalRequest(ckpt=ckpt, data=data, config=config, overrides=overrides or [], ema=ema,

@@ -16,6 +16,7 @@ from PIL import Image
 
 from mbv2train.data import folders, loaders
 from mbv2train.errors import DataError
+from mbv2train.words import plural
 
 __all__ = ["ERROR_KINDS", "PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report", "severity"]
 
@@ -75,7 +76,7 @@ def _scan_split(split_dir: Path) -> tuple[dict, list[str], list[str], list[dict]
         if flat:
             # ImageNet's validation archive unpacks to 50,000 images in one folder.
             problems.append(_problem("flat_split", split_dir, (
-                f"{len(flat)} images but no class folders; if it is ImageNet's flat val folder, sort it "
+                f"{plural(len(flat), 'image')} but no class folders; if it is ImageNet's flat val folder, sort it "
                 f"first: {folders.PREPARE_VAL_HINT} {split_dir} --labels LOC_val_solution.csv")))
         else:
             problems.append(_problem("empty_split", split_dir,
@@ -178,20 +179,17 @@ def check_dataset(root: Path, workers: int | None = None, train_split: str = "tr
             "warnings": warnings, "strict": strict, "ok": errors == 0 and not (strict and warnings)}
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def format_report(report: dict) -> str:
     """Human-readable report: one line per problem (starting with its severity), a line per split, notes in
     brief, and a summary line: "ok: ..." (clean), "ok (N warnings): ..." or "not ok: ..."."""
     lines = [f"{p['severity']}: {p['kind']}: {p['path']}: {p['detail']}" for p in report["problems"]]
     for name, split in report["splits"].items():
-        lines.append(f"{name}: {split['images']} images in {split['classes']} classes ({split['path']})")
+        lines.append(f"{name}: {plural(split['images'], 'image')} in {plural(split['classes'], 'class')} "
+                     f"({split['path']})")
     if report["notes"]:
         shown = ", ".join(n["path"] for n in report["notes"][:3])
         more = " ..." if len(report["notes"]) > 3 else ""
-        lines.append(f"note: {len(report['notes'])} files ignored by training (not images, or outside "
+        lines.append(f"note: {plural(len(report['notes']), 'file')} ignored by training (not images, or outside "
                      f"class folders): {shown}{more}")
     lines.append(_summary_line(report))
     return "\n".join(lines)
@@ -201,9 +199,10 @@ def _summary_line(report: dict) -> str:
     root, errors, warnings = report["root"], report["errors"], report["warnings"]
     n_images = sum(s["images"] for s in report["splits"].values())
     if not report["problems"]:
-        return f"ok: {root}: {n_images} images, no problems"
+        return f"ok: {root}: {plural(n_images, 'image')}, no problems"
     if report["ok"]:
-        return (f"ok ({_count(warnings, 'warning')}): {root}: {n_images} images; training reads them all "
+        return (f"ok ({plural(warnings, 'warning')}): {root}: {plural(n_images, 'image')}; training reads them all "
                 f"(--strict fails on warnings)")
     why = " (--strict)" if errors == 0 else ""
-    return f"not ok{why}: {root}: {_count(errors, 'error')}, {_count(warnings, 'warning')} in {n_images} images"
+    return (f"not ok{why}: {root}: {plural(errors, 'error')}, {plural(warnings, 'warning')} in "
+            f"{plural(n_images, 'image')}")

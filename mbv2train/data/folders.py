@@ -18,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from mbv2train.config import DataConfig
 from mbv2train.errors import DataError
+from mbv2train.words import plural
 
 PREPARE_VAL_HINT = "python scripts/prepare_imagenet_val.py"
 
@@ -46,7 +47,7 @@ def check_split(path: Path, what: str, key: Optional[str] = None) -> None:
     n_flat = sum(1 for e in os.scandir(path) if e.is_file() and is_image_file(e.name))
     if n_flat:
         # ImageNet's validation archive unpacks to 50,000 images in one folder.
-        raise DataError(f"{what} folder {path} holds {n_flat} images but no class folders{source}; "
+        raise DataError(f"{what} folder {path} holds {plural(n_flat, 'image')} but no class folders{source}; "
                         f"if it is ImageNet's flat val folder, sort it first: {PREPARE_VAL_HINT} {path} "
                         f"--labels LOC_val_solution.csv")
     raise DataError(f"{what} folder {path} has no class subfolders{source}; "

@@ -26,6 +26,7 @@ from mbv2train.data.encoded import EncodedBatch
 from mbv2train.data.folders import read_failure, to_rgb
 from mbv2train.data.transforms import tensor_interpolation
 from mbv2train.errors import DataError
+from mbv2train.words import plural
 
 
 def _decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -202,7 +203,7 @@ class BatchDecoder:
             raise failures[first]
         readable = [i for i, image in enumerate(images) if image is not None]
         if not readable:
-            raise DataError(f"none of the {batch.size} images of a batch can be read; the first: "
+            raise DataError(f"none of the {plural(batch.size, 'image')} of a batch can be read; the first: "
                             f"{failures[first]}")
         labels = labels.clone()
         for position in failures:

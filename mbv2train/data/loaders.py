@@ -30,6 +30,7 @@ from mbv2train.data.transforms import TrainTransform, ValTransform
 from mbv2train.distributed import gather_objects
 from mbv2train.errors import DataError
 from mbv2train.preemption import ignore_in_worker
+from mbv2train.words import is_or_are, plural
 
 # ---------------------------------------------------------------- dataset and sampler
 
@@ -107,9 +108,9 @@ class SeededDataset(Dataset):
                 if failed > allowed and failed < n:
                     first = self.samples[index][0]
                     raise DataError(
-                        f"cannot read image {first} nor the {failed - 1} images after it: more than "
-                        f"data.max_bad_fraction {self.max_bad_fraction:g} of the {n} {self.split} images "
-                        f"are unreadable; run `mbv2 data check {self.root}`") from None
+                        f"{failed} of {n} {self.split} images are unreadable ({first} and "
+                        f"{plural(failed - 1, 'file')} after it), more than data.max_bad_fraction "
+                        f"{self.max_bad_fraction:g} allows ({allowed}); run `mbv2 data check {self.root}`") from None
         raise DataError(f"none of the {n} {self.split} images in {self.root} can be read; "
                         f"run `mbv2 data check {self.root}`")
 
@@ -165,7 +166,8 @@ class BadImageLog:
                         print(f"warning: skipped unreadable image {path}", file=sys.stderr, flush=True)
         if len(self.seen) > self.max_fraction * self.split_size:
             folder = self.folder if self.folder is not None else Path(sorted(self.seen)[0]).parent.parent
-            raise DataError(f"{len(self.seen)} of {self.split_size} {self.split} images are unreadable, "
+            raise DataError(f"{len(self.seen)} of {self.split_size} {self.split} images "
+                            f"{is_or_are(len(self.seen))} unreadable, "
                             f"more than data.max_bad_fraction {self.max_fraction:g}; "
                             f"run `mbv2 data check {folder}`")
 
@@ -245,8 +247,8 @@ DEFAULT_WORKERS = 4  # data.num_workers unset
 
 @functools.lru_cache(maxsize=None)  # once per process, not once per loader
 def _warn_workers_capped(requested: int, available: int) -> None:
-    print(f"warning: data.num_workers is {requested} but only {available} CPUs are available; "
-          f"using {available} workers", file=sys.stderr, flush=True)
+    print(f"warning: data.num_workers is {requested} but only {plural(available, 'CPU')} "
+          f"{is_or_are(available)} available; using {plural(available, 'worker')}", file=sys.stderr, flush=True)
 
 
 def worker_count(requested: Optional[int]) -> int:
@@ -330,8 +332,9 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
     train_dir, val_dir = resolve_dirs(cfg)
     folder = ImageFolderDataset(train_dir)
     if len(folder) // world_size < cfg.batch_size:
-        raise DataError(f"training folder {train_dir} has {len(folder)} images, fewer than one batch "
-                        f"(data.batch_size {cfg.batch_size} x {world_size} processes); lower data.batch_size")
+        raise DataError(f"training folder {train_dir} has {plural(len(folder), 'image')}, fewer than one batch "
+                        f"(data.batch_size {cfg.batch_size} x {plural(world_size, 'process')}); "
+                        f"lower data.batch_size")
     val_loader, val_classes = build_val_loader(cfg, val_dir, rank, world_size, device_type)
     if val_classes != folder.classes:
         raise DataError(f"class folders differ between {train_dir} ({len(folder.classes)}) and {val_dir} "

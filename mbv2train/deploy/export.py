@@ -19,6 +19,7 @@ from mbv2train import atomic_files
 from mbv2train.deploy import extras, metadata, runtimes, verify
 from mbv2train.deploy.source import ModelSource, load_source, real_images
 from mbv2train.errors import ConfigError
+from mbv2train.words import plural
 
 FORMATS = ("onnx", "torchscript", "pt2", "executorch", "torchvision")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "executorch": ".pte",
@@ -90,7 +91,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = lambda line: Non
     with atomic_files.replacing(output, suffix="".join(output.suffixes[-1:])) as temp:
         log(f"exporting {req.ckpt} ({'int8' if src.quantized else 'float'}, {src.image_size} px) as {req.format}")
         WRITERS[req.format](src, temp, fixed_batch, native)
-        log(f"checking it in {runtimes.RUNTIME_NAMES[req.format]} on {len(images)} images from {val_dir}")
+        log(f"checking it in {runtimes.RUNTIME_NAMES[req.format]} on {plural(len(images), 'image')} from {val_dir}")
         check = verify.compare(src.model, runtimes.load(req.format, temp, native, src.quantized), images, fixed_batch, src.quantized)
         if not check.passed:
             raise verify.ExportMismatch(f"{req.format} export of {req.ckpt} disagrees with PyTorch: {check.describe()}; "
@@ -142,10 +143,17 @@ def _write_pt2(src: ModelSource, path: Path, fixed_batch: Optional[int], native:
     torch.export.save(_exported(src, fixed_batch), str(path), extra_files=metadata.as_strings(native))
 
 
-def _write_executorch(src: ModelSource, path: Path, fixed_batch: Optional[int], native: dict[str, Any]) -> None:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+def executorch_lowering():
+    """ExecuTorch's lowering function and its XNNPACK partitioner."""
+    with extras.torchao_notices_muted():  # executorch imports torchao
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
 
+    return to_edge_transform_and_lower, XnnpackPartitioner
+
+
+def _write_executorch(src: ModelSource, path: Path, fixed_batch: Optional[int], native: dict[str, Any]) -> None:
+    to_edge_transform_and_lower, XnnpackPartitioner = executorch_lowering()
     if src.quantized:
         # quantize/dequantize that XNNPACK does not take (an x86-quantized model's) run on ExecuTorch's
         # portable quantized kernels, which this import registers

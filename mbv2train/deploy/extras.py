@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 
 from mbv2train.errors import ConfigError
 
@@ -23,18 +25,25 @@ def require(extra: str, wanted_by: str) -> None:
                           f"pip install 'mbv2train[{extra}]'")
 
 
-def import_pt2e_quantization():
-    """torchao's PT2E module (prepare_pt2e, convert_pt2e), imported once its registration warnings are
-    muted: importing it also registers the quantized operators that int8 programs call."""
-    import logging
-
+@contextlib.contextmanager
+def torchao_notices_muted():
+    """For a block that may import torchao first (directly, or through executorch): torchao registers an Enum
+    that torch now handles itself, and torch logs a deprecation warning about it on stderr, once per process.
+    It is harmless and none of the user's business, and it would sit between a command's own lines."""
     pytree_log = logging.getLogger("torch.utils._pytree")
     level = pytree_log.level
-    pytree_log.setLevel(logging.ERROR)  # torchao registers an Enum that torch now handles itself: harmless
+    pytree_log.setLevel(logging.ERROR)
     try:
-        import torchao.quantization.pt2e.quantize_pt2e as quantize_pt2e
+        yield
     finally:
         pytree_log.setLevel(level)
+
+
+def import_pt2e_quantization():
+    """torchao's PT2E module (prepare_pt2e, convert_pt2e): importing it also registers the quantized
+    operators that int8 programs call."""
+    with torchao_notices_muted():
+        import torchao.quantization.pt2e.quantize_pt2e as quantize_pt2e
     return quantize_pt2e
 
 

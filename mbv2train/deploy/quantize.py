@@ -23,6 +23,7 @@ from mbv2train.deploy import extras, int8file
 from mbv2train.deploy.source import ModelSource, load_source, prepared_batches, real_images
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.evaluation import EvalRequest, load_model, val_dir_of
+from mbv2train.words import plural
 
 BACKENDS = ("x86", "xnnpack")
 CALIBRATION_SEED = 0
@@ -71,11 +72,11 @@ def run_quantize(req: QuantizeRequest, log: Callable[[str], None] = lambda line:
     for folder in (train_dir, val_dir):  # before the minutes of calibration, not after
         _, found = data.build_val_loader(src.cfg.data, folder)
         if found != src.classes:
-            raise DataError(f"{folder}: its class folders are not the model's {len(src.classes)} classes "
+            raise DataError(f"{folder}: its class folders are not the model's {plural(len(src.classes), 'class')} "
                             f"({', '.join(found[:3])}, ... against {', '.join(src.classes[:3])}, ...); "
                             f"pass the dataset the model was trained on")
 
-    log(f"calibrating on {req.calibration_images} images from {train_dir} ({req.backend} quantizer)")
+    log(f"calibrating on {plural(req.calibration_images, 'image')} from {train_dir} ({req.backend} quantizer)")
     # a seeded random sample, so that a small one still holds every class
     calibration = prepared_batches(src.cfg.data, train_dir, req.calibration_images, shuffle_seed=CALIBRATION_SEED)
     float_program = _export(src.model, src.example(2))
@@ -119,8 +120,9 @@ def quantizer_for(backend: str):
         quantizer = X86InductorQuantizer()
         quantizer.set_global(get_default_x86_inductor_quantization_config(reduce_range=True))
         return quantizer
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer, get_symmetric_quantization_config)
+    with extras.torchao_notices_muted():  # executorch imports torchao
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer, get_symmetric_quantization_config)
 
     quantizer = XNNPACKQuantizer()
     quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True))

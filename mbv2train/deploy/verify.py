@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from mbv2train.errors import CheckFailed
+from mbv2train.words import plural
 
 FLOAT_ATOL = 1e-4
 INT8_MIN_AGREEMENT = 0.98
@@ -46,7 +47,7 @@ class Check:
 
     def describe(self) -> str:
         return (f"max abs logit difference {self.max_abs_diff:.3g}, top-1 agreement {self.top1_agreement:.2%} "
-                f"on {self.images} images (needed: {self.tolerance})")
+                f"on {plural(self.images, 'image')} (needed: {self.tolerance})")
 
 
 @torch.inference_mode()
