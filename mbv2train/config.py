@@ -149,6 +149,9 @@ class TrainConfig:
         "auto", "mixed precision; auto: bf16 on CUDA GPUs that support it, fp16 on older ones, none on CPU")
     channels_last: bool = setting(True, "NHWC memory format (much faster convs on CPU and tensor cores)")
     compile: bool = setting(False, "torch.compile the model (slower start, faster steps)")
+    threads: Optional[int] = setting(
+        None, "intra-op CPU threads; null: the CPUs this process may use less data.num_workers and what other "
+              "processes keep busy (OMP_NUM_THREADS or MKL_NUM_THREADS, when set, decide instead)", ge=1)
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing", ge=0, lt=1)
     grad_clip_norm: Optional[float] = setting(None, "clip gradients to this global L2 norm; null: off", gt=0)
     accum_steps: int = setting(1, "micro-batches accumulated per optimizer step", ge=1)
