@@ -56,6 +56,9 @@ def pretrained_is_file(pretrained: Optional[str]) -> bool:
     return pretrained is not None and pretrained not in PRETRAINED_TAGS
 
 
+DEFAULT_WORKERS = 4  # data.num_workers unset
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images are, how they are augmented, and how they are batched."""
@@ -96,6 +99,11 @@ class DataConfig:
         "error", "an unreadable image: error stops the run naming the file; skip warns and substitutes another")
     max_bad_fraction: float = setting(0.01, "skip: stop when more than this fraction of a split is unreadable",
                                       ge=0, le=1)
+
+    @property
+    def workers_asked(self) -> int:
+        """num_workers as set, or its default when unset; the loader fits it to the CPUs."""
+        return DEFAULT_WORKERS if self.num_workers is None else self.num_workers
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,9 @@ class TrainConfig:
         "auto", "mixed precision; auto: bf16 on CUDA GPUs that support it, fp16 on older ones, none on CPU")
     channels_last: bool = setting(True, "NHWC memory format (much faster convs on CPU and tensor cores)")
     compile: bool = setting(False, "torch.compile the model (slower start, faster steps)")
+    threads: Optional[int] = setting(
+        None, "intra-op CPU threads; null: the CPUs this process may use less data.num_workers and what other "
+              "processes keep busy (OMP_NUM_THREADS or MKL_NUM_THREADS, when set, decide instead)", ge=1)
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing", ge=0, lt=1)
     grad_clip_norm: Optional[float] = setting(None, "clip gradients to this global L2 norm; null: off", gt=0)
     accum_steps: int = setting(1, "micro-batches accumulated per optimizer step", ge=1)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import data, engine, eval_report, yaml_schema
+from mbv2train import cpu_threads, data, engine, eval_report, yaml_schema
 from mbv2train.config import Config, DataConfig, config_from_dict, load_config
 from mbv2train.deploy import int8file
 from mbv2train.errors import CheckpointError, ConfigError, DataError
@@ -149,6 +149,7 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
     else:
         cfg, weights, classes, used_ema = _from_state_dict(state, req), state, None, False
         trained_hflip = None  # a bare state dict does not say how it was trained
+    cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, say=cpu_threads.to_stderr)
 
     try:
         device = resolve_device(cfg.train.device)
@@ -187,6 +188,7 @@ def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
     if req.device not in (None, "auto", "cpu"):
         raise ConfigError(f"--device {req.device}: int8 models from mbv2 quantize run on the CPU")
     device = torch.device("cpu")
+    cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, say=cpu_threads.to_stderr)
     model = int8file.FrozenProgram(int8file.load_program(state, req.ckpt), len(state["class_names"]))
     rt = engine.Runtime.create(device, None, False, cfg.data.mean, cfg.data.std)
     return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, rt, saved.data.hflip)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
+
 from mbv2train import checkpoint as ckpt
 from mbv2train.errors import CheckpointError, ConfigError
 from mbv2train.words import plural
@@ -16,7 +18,7 @@ HARMLESS_KEYS = {
     "data.root", "data.train_dir", "data.val_dir", "data.num_workers", "data.pin_memory",
     "data.persistent_workers", "data.prefetch_factor", "data.val_batch_size",
     "train.output_dir", "train.log_every_steps", "train.tb_images", "train.tb_per_class", "train.save_every_epochs",
-    "train.keep_checkpoints", "train.compile", "train.device", "train.checkpoint_every_steps",
+    "train.keep_checkpoints", "train.compile", "train.threads", "train.device", "train.checkpoint_every_steps",
     "train.checkpoint_every_minutes", "train.dist_timeout_s", "data.bad_images", "data.max_bad_fraction",
 }
 
@@ -51,8 +53,16 @@ def training_state(*, model, ema, optimizer, scheduler, scaler, epoch: int, glob
         "world_size": world_size,
         "global_batch": global_batch,  # images per optimizer step over all processes
         "epoch_position": epoch_position,  # samples of the running epoch's global order trained on
+        # CPU float sums depend on the thread count: a resume computes with the same one (cpu_threads.py)
+        "intra_op_threads": torch.get_num_threads(),
         "versions": ckpt.versions(),
     }
+
+
+def recorded_threads(state: Optional[dict[str, Any]]) -> Optional[int]:
+    """The intra-op thread count the run being resumed computed with; None for a fresh run or a checkpoint
+    from before it was recorded."""
+    return state.get("intra_op_threads") if state is not None else None
 
 
 def restore(state: dict[str, Any], *, model, ema, optimizer, scheduler, scaler) -> None:

@@ -13,7 +13,7 @@ import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import data, engine, finetune, optim, pretrained, rescale, rng, run_state
+from mbv2train import cpu_threads, data, engine, finetune, optim, pretrained, rescale, rng, run_state
 from mbv2train.batchnorm_sync import (average_running_statistics, gather_running_statistics,
                                       restore_running_statistics, synchronize_batchnorm)
 from mbv2train.config import Config, with_num_classes
@@ -53,6 +53,8 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
             return {}
         if note is not None:
             log(note, dist.is_main)
+        cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, run_state.recorded_threads(state),
+                        say=lambda line: log(line, dist.is_main))
         return Run(cfg, device, amp_dtype, dist, stop, faults, state).train(state, allow_changes)
     except RuntimeError as exc:
         failure = as_peer_failure(exc, dist.rank, cfg.train.dist_timeout_s) if dist.enabled else None

@@ -8,6 +8,24 @@ from typer.testing import CliRunner
 from mbv2train.cli import app
 
 
+def _pin_torch_threads() -> None:
+    """OMP_NUM_THREADS set to torch's own count, unless a thread variable is set already: commands run in
+    this process or started from it then leave the count alone (mbv2train/cpu_threads.py), so a test gives
+    the same floats however busy the machine is, and a resumed run the same as an uninterrupted one. The
+    tests of the choice itself remove the variable."""
+    import os
+
+    from mbv2train.cpu_threads import THREAD_ENV_VARS
+
+    if not any(os.environ.get(name, "").strip() for name in THREAD_ENV_VARS):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+
+
+_pin_torch_threads()
+
+
 @pytest.fixture
 def cli():
     """Run ``mbv2 ARGS...`` in-process; returns the click Result (exit_code, stdout, stderr)."""

@@ -194,7 +194,7 @@ def train_run(photo_root, tmp_path_factory):
     os.chdir(cwd)  # the default train.output_dir is relative: nothing may appear here
     try:
         result = json_result("bench", "train", "--data", photo_root, "--steps", "2", "--warmup", "1",
-                             "--set", "data.num_workers=0", *TINY)
+                             "--set", "data.num_workers=0", "--no-worker-trial", *TINY)
     finally:
         os.chdir(before)
     return result, cwd
@@ -204,7 +204,10 @@ def test_bench_train_reports_speed_data_wait_and_a_verdict(train_run):
     result, _ = train_run
     assert result["img_per_s"] > 0
     assert 0 <= result["data_wait_frac"] < 1
-    assert result["verdict"] in ("data-bound", "compute-bound") and result["advice"]
+    assert result["verdict"] in ("data-bound", "compute-bound", "oversubscribed") and result["advice"]
+    assert result["oversubscribed"] == (result["verdict"] == "oversubscribed")
+    assert result["threads"] == torch.get_num_threads()  # OMP_NUM_THREADS is set: the count is left alone
+    assert result["usable_cpus"] >= 1 and 0 <= result["others_busy_cpus"] <= result["cpus"]
     assert (result["steps"], result["batch_size"], result["workers"], result["decode"]) == (2, 4, 0, "workers")
     assert "decode_wait_ms_per_batch" not in result  # nothing is decoded in this process
 
@@ -214,6 +217,36 @@ def test_bench_train_with_device_decoding_reports_the_host_s_wait_in_the_decode(
                          "--set", "data.num_workers=0", "--set", "data.decode=device", *TINY)
     assert result["decode"] == "device"
     assert result["decode_wait_ms_per_batch"] > 0 and 0 < result["decode_wait_frac"] < 1
+
+
+def test_bench_train_times_the_worker_trial_it_decides_on_and_reports_both_figures(photo_root, monkeypatch):
+    from mbv2train.bench import verdict
+
+    monkeypatch.setattr(verdict, "worth_a_trial", lambda wait, load: 1)
+    result = json_result("bench", "train", "--data", photo_root, "--steps", "2", "--warmup", "1",
+                         "--set", "data.num_workers=0", *TINY)
+    trial = result["worker_trial"]
+    assert trial["workers"] == 1 and trial["threads"] >= 1 and trial["img_per_s"] > 0
+    assert trial["faster"] == (trial["img_per_s"] >= verdict.TRIAL_GAIN * result["img_per_s"])
+    advised = [line for line in result["advice"] if line.startswith("more loader workers: data.num_workers=1")]
+    assert len(advised) == (trial["faster"] and result["verdict"] == "data-bound")
+    skipped = json_result("bench", "train", "--data", photo_root, "--steps", "2", "--warmup", "1",
+                          "--set", "data.num_workers=0", "--no-worker-trial", *TINY)
+    assert skipped["worker_trial"] is None
+
+
+def test_bench_train_text_says_what_the_worker_trial_gave_when_it_was_not_faster():
+    from mbv2train.bench.train import format_train_result
+
+    result = {"img_per_s": 327.0, "amp": "fp32", "channels_last": True, "compile": False, "batch_size": 32,
+              "image_size": 32, "device": "cpu", "threads": 1, "workers": 0, "decode": "workers",
+              "data_wait_frac": 0.12, "usable_cpus": 2, "others_busy_cpus": 0.1, "verdict": "data-bound",
+              "worker_trial": {"workers": 1, "threads": 1, "img_per_s": 284.0, "faster": False},
+              "advice": ["the loader is at this machine's limit"]}
+    lines = format_train_result(result).splitlines()
+    assert lines[0].endswith("cpu, 1 thread, 0 workers, workers decode)")
+    assert lines[1] == "waiting for data: 12.0% of the time; other processes kept 0.1 of the 2 CPUs busy -> data-bound"
+    assert lines[2] == "  tried: data.num_workers=1 gave 284 img/s against 327 with 0: more workers are no faster here"
 
 
 def test_bench_train_writes_no_run_directory(train_run):
@@ -227,26 +260,65 @@ def test_bench_train_with_missing_data_is_one_line_and_exit_2(tmp_path):
     assert len(result.stderr.splitlines()) == 1 and "does not exist" in result.stderr
 
 
-def _cfg(*overrides):
-    from mbv2train.config import load_config
+def _judge(wait=0.30, img_per_s=327.0, usable=2, others=0.0, threads=1, workers=0, device="cpu", trial=None,
+           heavy_augment=False):
+    from mbv2train.bench import verdict as judge
 
-    return load_config(None, list(overrides))
-
-
-def test_waiting_for_data_past_the_threshold_is_data_bound_with_the_fixes():
-    from mbv2train.bench.train import verdict
-
-    kind, advice = verdict(0.30, _cfg("data.num_workers=2"), workers=2, cpus=16, device=torch.device("cuda"))
-    assert kind == "data-bound"
-    assert any("data.num_workers is 2 and 16 CPUs" in line for line in advice)
-    assert any("data.decode=device" in line for line in advice)
+    load = judge.Load(usable, others, threads, workers)
+    return judge.verdict(wait, img_per_s, load, judge.Settings(device, "workers", heavy_augment), trial)
 
 
 def test_little_waiting_for_data_is_compute_bound():
-    from mbv2train.bench.train import DATA_BOUND_FRACTION, verdict
+    from mbv2train.bench.verdict import DATA_BOUND_FRACTION
 
-    kind, _ = verdict(DATA_BOUND_FRACTION / 2, _cfg(), workers=4, cpus=4, device=torch.device("cpu"))
+    kind, _ = _judge(wait=DATA_BOUND_FRACTION / 2, usable=4, workers=4)
     assert kind == "compute-bound"
+
+
+def test_waiting_for_data_on_a_gpu_advises_device_decoding_and_no_untried_workers():
+    kind, advice = _judge(wait=0.30, usable=16, workers=2, device="cuda")
+    assert kind == "data-bound"
+    assert any("data.decode=device" in line for line in advice)
+    assert not any("worker" in line for line in advice)  # more workers are advised only once tried
+
+
+def test_more_workers_are_advised_only_when_the_trial_was_faster():
+    from mbv2train.bench.verdict import Trial
+
+    # the demo on 2 cores with one thread: 1 worker gave 284 img/s against 327 with none
+    kind, advice = _judge(trial=Trial(workers=1, threads=1, img_per_s=284.0))
+    assert kind == "data-bound" and not any("more loader workers" in line for line in advice)
+    assert advice == ["the loader is at this machine's limit: more CPUs, or faster storage if reading is slow "
+                      "(`mbv2 bench data` measures the loader alone)"]
+    _, advice = _judge(img_per_s=200.0, threads=2, trial=Trial(workers=1, threads=1, img_per_s=260.0))
+    assert advice[0] == "more loader workers: data.num_workers=1, 1 thread gave 260 img/s against 200 with 0, 2 threads"
+
+
+def test_a_trial_runs_only_when_data_bound_with_cpus_to_spare_and_no_crowd():
+    from mbv2train.bench.verdict import Load, worth_a_trial
+
+    assert worth_a_trial(0.30, Load(usable=2, others=0.0, threads=1, workers=0)) == 1
+    assert worth_a_trial(0.30, Load(usable=8, others=0.0, threads=2, workers=2)) == 4
+    assert worth_a_trial(0.30, Load(usable=2, others=0.0, threads=1, workers=2)) is None  # no CPU left for one
+    assert worth_a_trial(0.01, Load(usable=8, others=0.0, threads=8, workers=0)) is None  # compute-bound
+    assert worth_a_trial(0.30, Load(usable=2, others=1.9, threads=1, workers=0)) is None  # oversubscribed
+
+
+def test_other_processes_crowding_the_cpus_make_the_verdict_oversubscribed_with_the_numbers():
+    kind, advice = _judge(wait=0.30, others=1.3, threads=2, workers=0)
+    assert kind == "oversubscribed"
+    assert advice[0].startswith("other processes kept 1.3 of the 2 usable CPUs busy beside this run's 2 threads "
+                                "and 0 loader workers")
+    assert advice[1].startswith("fewer threads: train.threads=1")
+    kind, advice = _judge(wait=0.01, others=1.9, threads=1)
+    assert kind == "oversubscribed" and len(advice) == 1  # one thread already: nothing fewer to advise
+
+
+@pytest.mark.parametrize("others, threads, usable", [(None, 2, 2), (0.3, 2, 2), (1.0, 1, 2), (3.0, 4, 8)])
+def test_a_machine_with_room_for_the_run_is_not_oversubscribed(others, threads, usable):
+    from mbv2train.bench.verdict import Load, oversubscribed
+
+    assert not oversubscribed(Load(usable, others, threads, workers=0))
 
 
 def test_sync_debug_mode_s_silence_is_not_sync_free_when_torchvision_decodes_on_the_gpu():

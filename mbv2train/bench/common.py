@@ -41,6 +41,14 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def keeps_torch_threads() -> Iterator[None]:
+    """Run the block, then put back the intra-op thread count it started with (a benchmark may choose its
+    own, as `mbv2 train` would, without changing it for whatever the process runs next)."""
+    with torch_threads(torch.get_num_threads()):
+        yield
+
+
 def rate(images: int, seconds: float) -> float:
     return images / seconds if seconds > 0 else 0.0
 

@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from mbv2train import engine, optim
-from mbv2train.bench.common import device_name, rate, say, synchronize
+from mbv2train import cpu_threads, engine, optim
+from mbv2train.bench.common import device_name, keeps_torch_threads, rate, say, synchronize
 from mbv2train.config import Config
 from mbv2train.errors import ConfigError, UserError
 from mbv2train.model import build_model
@@ -122,8 +122,19 @@ def bench_model(cfg: Config, device: torch.device, batch_size: int, steps: int, 
     """Training and inference img/s per setting, as a dict of plain values.
 
     ``compile`` adds a torch.compile'd row per setting (only for the (precision, memory format) pairs in
-    ``compile_only`` when given); a compiled row that fails records its error instead of stopping.
+    ``compile_only`` when given); a compiled row that fails records its error instead of stopping. The steps
+    compute with the threads `mbv2 train` would choose without loader workers (cpu_threads.py); the count in
+    force before is restored afterwards.
     """
+    with keeps_torch_threads():
+        cpu_threads.use(cfg.train.threads, 0, say=say)
+        return _measure(cfg, device, batch_size, steps, warmup, precisions, memory_formats, compile, compile_only,
+                        reference)
+
+
+def _measure(cfg: Config, device: torch.device, batch_size: int, steps: int, warmup: int,
+             precisions: Optional[Sequence[str]], memory_formats: Sequence[str], compile: bool,
+             compile_only: Optional[Sequence[tuple[str, str]]], reference: bool) -> dict:
     supported = supported_precisions(device)
     precisions = list(precisions or supported)
     for name in precisions:

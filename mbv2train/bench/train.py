@@ -18,8 +18,9 @@ from typing import Optional
 
 import torch
 
-from mbv2train import data, engine
-from mbv2train.bench.common import rate, say, synchronize
+from mbv2train import cpu_threads, data, engine
+from mbv2train.bench import verdict as judge
+from mbv2train.bench.common import keeps_torch_threads, rate, say, synchronize
 from mbv2train.config import Config
 from mbv2train.data.gpu_decode import DecodeWait, DeviceDecodingLoader
 from mbv2train.devices import resolve_amp, resolve_device
@@ -28,8 +29,6 @@ from mbv2train.errors import ConfigError
 from mbv2train.faults import NO_FAULTS
 from mbv2train.preemption import StopFlag
 from mbv2train.words import is_or_are, plural
-
-DATA_BOUND_FRACTION = 0.05  # waiting for data longer than this share of the time leaves the device idle
 
 # Host-device synchronizations that torch.cuda.set_sync_debug_mode cannot see, because a library makes them
 # in its own C++ code rather than through torch's API, by data.decode.
@@ -72,11 +71,14 @@ class StepClock:
         self.decoder = decoder  # the loader's BatchDecoder with data.decode: device
         self.started = None
         self.chunk_end = 0
+        self.cpus = cpu_threads.affinity()
+        self.cpu_times = None  # the CPU counters when the clock started: what other processes ran meanwhile
 
     def after_step(self, global_step: int, _progress) -> None:
         if global_step == self.warmup:
             synchronize(self.device)
             self.started = time.perf_counter()
+            self.cpu_times = cpu_threads.read_cpu_times(self.cpus, children=True)
             self.waits.counting = True
             if self.decoder is not None:
                 self.decoder.waited = DecodeWait()
@@ -95,25 +97,6 @@ def build_run(cfg: Config):
                pretrained_weights=False)
 
 
-def verdict(wait_fraction: float, cfg: Config, workers: int, cpus: int, device: torch.device) -> tuple[str, list[str]]:
-    """("data-bound" or "compute-bound", what to change)."""
-    if wait_fraction < DATA_BOUND_FRACTION:
-        return "compute-bound", ["the model step is the limit: `mbv2 bench model` compares precisions, "
-                                 "memory formats and torch.compile"]
-    advice = []
-    if workers < cpus:
-        advice.append(f"more loader workers: data.num_workers is {workers} and {plural(cpus, 'CPU')} "
-                      f"{is_or_are(cpus)} available")
-    if cfg.data.decode == "workers" and device.type == "cuda":
-        advice.append("decode JPEGs on the GPU: data.decode=device")
-    if cfg.data.auto_augment != "none" or cfg.data.random_erasing > 0:
-        advice.append("lighter CPU augmentations (data.auto_augment, data.random_erasing)")
-    if not advice:
-        advice.append("the loader is at this machine's limit: more CPUs, or faster storage if reading is slow "
-                      "(`mbv2 bench data` measures the loader alone)")
-    return "data-bound", advice
-
-
 def sync_findings(sync_error: Optional[str], decode: str) -> dict:
     """What the sync check found: ``sync_error``, the first synchronization sync debug mode raised on;
     ``unseen_sync``, one the steps make that it cannot see; ``sync_free`` only when there is neither."""
@@ -127,8 +110,14 @@ def decode_wait(waited: DecodeWait, elapsed: Optional[float]) -> dict:
             "decode_wait_frac": waited.seconds / elapsed if elapsed else None}
 
 
-def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) -> dict:
+def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False, worker_trial: bool = True) -> dict:
     """Training img/s and the share of time spent waiting for data, over ``steps`` steps after ``warmup``.
+
+    The steps compute with the threads `mbv2 train` would choose (cpu_threads.py), and the count in force
+    before is restored afterwards. ``verdict`` is "oversubscribed" when other processes held CPUs the run
+    needed (``others_busy_cpus`` over the timed steps), else "data-bound" or "compute-bound"; when data-bound
+    with CPUs to spare and ``worker_trial``, the steps run again with more loader workers
+    (``worker_trial`` in the result), and more workers are advised only if that was faster.
 
     With ``sync_debug`` (CUDA only) the steps after the warm-up run under
     ``torch.cuda.set_sync_debug_mode("error")``: ``sync_free`` says whether none of them synchronized,
@@ -138,6 +127,37 @@ def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) 
     """
     if steps < 1 or warmup < 1:
         raise ConfigError("bench train needs --steps and --warmup of at least 1")
+    with keeps_torch_threads():
+        threads = cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, say=say).count
+        result = _timed_steps(cfg, steps, warmup, sync_debug)
+        usable = cpu_threads.measure_machine().usable
+        load = judge.Load(usable, result["others_busy_cpus"], threads, result["workers"])
+        result.update(threads=threads, usable_cpus=usable, oversubscribed=judge.oversubscribed(load), worker_trial=None)
+        if result["data_wait_frac"] is None:  # the sync check stopped the clock
+            return result
+        more = judge.worth_a_trial(result["data_wait_frac"], load) if worker_trial and not sync_debug else None
+        trial = _worker_trial(cfg, more, steps, warmup) if more is not None else None
+        if trial is not None:
+            result["worker_trial"] = {"workers": trial.workers, "threads": trial.threads, "img_per_s": trial.img_per_s,
+                                      "faster": judge.faster(trial, result["img_per_s"])}
+        settings = judge.Settings(result["device"], cfg.data.decode,
+                                  cfg.data.auto_augment != "none" or cfg.data.random_erasing > 0)
+        result["verdict"], result["advice"] = judge.verdict(result["data_wait_frac"], result["img_per_s"], load,
+                                                            settings, trial)
+    return result
+
+
+def _worker_trial(cfg: Config, workers: int, steps: int, warmup: int) -> Optional[judge.Trial]:
+    """The same steps with ``workers`` loader workers and the threads `mbv2 train` would choose beside them."""
+    threads = cpu_threads.use(cfg.train.threads, workers).count
+    say(f"data-bound: the same steps again with data.num_workers={workers} ({judge.plural(threads, 'thread')})")
+    more = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers))
+    img_per_s = _timed_steps(more, steps, warmup, sync_debug=False)["img_per_s"]
+    return judge.Trial(workers, threads, img_per_s) if img_per_s is not None else None
+
+
+def _timed_steps(cfg: Config, steps: int, warmup: int, sync_debug: bool) -> dict:
+    """One measurement: the figures of ``steps`` training steps after ``warmup``, with no verdict."""
     # Workers end with each epoch's iterator. Persistent ones live as long as the loader, which the run's
     # objects can keep until the garbage collector frees them; its shutdown of workers that ignore SIGTERM
     # (preemption.py) can leave them running, and the interpreter's exit then waits for them forever.
@@ -180,6 +200,9 @@ def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) 
             torch.cuda.set_sync_debug_mode(0)
     synchronize(device)
     elapsed = time.perf_counter() - clock.started if clock.started is not None and sync_error is None else None
+    cpu_times = cpu_threads.read_cpu_times(clock.cpus, children=True)
+    others = (cpu_threads.others_busy(clock.cpu_times, cpu_times)
+              if clock.cpu_times is not None and cpu_times is not None else None)
     images = steps * run.global_batch
     img_per_s = rate(images, elapsed) if elapsed else None
     wait_fraction = waits.waited / elapsed if elapsed else None
@@ -188,9 +211,7 @@ def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) 
               "data_wait_frac": wait_fraction, "device": device.type, "decode": cfg.data.decode,
               "workers": workers, "cpus": cpus, "batch_size": run.global_batch, "image_size": cfg.data.image_size,
               "amp": precision, "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
-              "steps": steps, "warmup": warmup, "epochs": epochs, "train_loss": loss}
-    if wait_fraction is not None:
-        result["verdict"], result["advice"] = verdict(wait_fraction, cfg, workers, cpus, device)
+              "steps": steps, "warmup": warmup, "epochs": epochs, "train_loss": loss, "others_busy_cpus": others}
     if decoder is not None:
         result.update(decode_wait(decoder.waited, elapsed))
     if sync_debug:
@@ -199,14 +220,23 @@ def bench_train(cfg: Config, steps: int, warmup: int, sync_debug: bool = False) 
 
 
 def format_train_result(result: dict) -> str:
+    others = result.get("others_busy_cpus")
+    busy = (f"; other processes kept {others:.1f} of the {result['usable_cpus']} CPUs busy"
+            if others is not None else "")
+    threads = result["threads"]
     lines = [f"training: {result['img_per_s']:.1f} img/s ({result['amp']}, "
              f"{'channels_last' if result['channels_last'] else 'contiguous'}"
              f"{', compiled' if result['compile'] else ''}, batch {result['batch_size']}, "
-             f"{result['image_size']} px, {result['device']}, {plural(result['workers'], 'worker')}, "
-             f"{result['decode']} decode)",
-             f"waiting for data: {result['data_wait_frac']:.1%} of the time -> {result['verdict']}"]
+             f"{result['image_size']} px, {result['device']}, {judge.plural(threads, 'thread')}, "
+             f"{judge.plural(result['workers'], 'worker')}, {result['decode']} decode)",
+             f"waiting for data: {result['data_wait_frac']:.1%} of the time{busy} -> {result['verdict']}"]
     if result.get("decode_wait_ms_per_batch") is not None:
         lines.append(f"  of which in the decode call: {result['decode_wait_ms_per_batch']:.1f} ms per batch "
                      f"({result['decode_wait_frac']:.1%} of the time)")
+    trial = result.get("worker_trial")
+    if trial is not None and not trial["faster"]:
+        tried = judge.Trial(trial["workers"], trial["threads"], trial["img_per_s"])
+        load = judge.Load(result["usable_cpus"], others, threads, result["workers"])
+        lines.append(f"  tried: {judge.trial_line(tried, result['img_per_s'], load)}: more workers are no faster here")
     lines += [f"  try: {line}" for line in result["advice"]]
     return "\n".join(lines)

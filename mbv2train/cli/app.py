@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mbv2train import __version__, launch
+from mbv2train import __version__, cpu_threads, launch
 from mbv2train.cli.helptext import Typer
 from mbv2train.errors import UserError
 
@@ -93,3 +93,4 @@ def root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Train, evaluate and inspect MobileNetV2 (Sandler et al., 2018) on ImageNet-style image folders."""
+    cpu_threads.start_reading()  # before torch: importing it is the interval other processes' load is read over

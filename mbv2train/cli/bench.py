@@ -99,16 +99,21 @@ def bench_train(
     steps: Annotated[int, typer.Option(min=1, help="Timed training steps.")] = 50,
     warmup: Annotated[Optional[int], typer.Option(
         min=1, help="Untimed steps first (default: a fifth of --steps, 2 to 20).")] = None,
+    worker_trial: Annotated[bool, typer.Option(
+        "--worker-trial/--no-worker-trial",
+        help="When the steps wait for data and CPUs are left, time them again with more loader workers, and "
+             "advise more only if that was faster.")] = True,
     overrides: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Time real training steps, loader and model together.
 
-    Images/s, the time spent waiting for data, and whether the steps are data-bound or compute-bound. The
-    steps run as `mbv2 train` runs them, without a run directory, checkpoints or validation.
+    Images/s, the time spent waiting for data; data-bound, compute-bound, or oversubscribed (other
+    processes held CPUs the run needed). The steps run as `mbv2 train` runs them, with the threads it would
+    choose, without a run directory, checkpoints or validation.
     """
     cfg = _load(config, overrides, **{"data.root": ("--data", str(data) if data is not None else None)})
     from mbv2train.bench.train import bench_train as measure, format_train_result
 
-    result = measure(cfg, steps=steps, warmup=warmup or max(2, min(20, steps // 5)))
+    result = measure(cfg, steps=steps, warmup=warmup or max(2, min(20, steps // 5)), worker_trial=worker_trial)
     _print(result, as_json, format_train_result)

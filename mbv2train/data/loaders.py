@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from torchvision import datasets
 
 from mbv2train import rng
-from mbv2train.config import DataConfig
+from mbv2train.config import DEFAULT_WORKERS, DataConfig
 from mbv2train.data.decode import load_image_fast
 from mbv2train.data.encoded import collate_encoded, leave_jpegs_encoded
 from mbv2train.data.folders import ImageFolderDataset, check_split, load_image, resolve_dirs
@@ -240,9 +240,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-DEFAULT_WORKERS = 4  # data.num_workers unset
 
 
 @functools.lru_cache(maxsize=None)  # once per process, not once per loader
