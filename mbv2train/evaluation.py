@@ -20,6 +20,7 @@ from mbv2train.deploy import int8file
 from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.model import build_model
 from mbv2train.devices import resolve_amp, resolve_device
+from mbv2train.shortlist import shortlist
 
 TTA_MODES = ("flip",)
 MIN_CROP = 8  # data.val_crop's lower bound
@@ -69,7 +70,7 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     if classes is not None and found != classes:
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise DataError(f"{val_dir}: its class folders differ from the checkpoint's classes "
-                        f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(extra[:5]) or '-'})")
+                        f"(missing: {shortlist(missing)}; unexpected: {shortlist(extra)})")
     if classes is None and len(found) != cfg.model.num_classes:
         raise DataError(f"{val_dir}: {len(found)} class folders but the model predicts "
                         f"{cfg.model.num_classes} classes")

@@ -14,8 +14,9 @@ from typing import Callable, Optional
 
 from PIL import Image
 
-from mbv2train.data import folders, loaders
+from mbv2train.data import folders
 from mbv2train.errors import DataError
+from mbv2train.shortlist import differences, shortlist
 
 __all__ = ["ERROR_KINDS", "PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report", "severity"]
 
@@ -164,7 +165,7 @@ def check_dataset(root: Path, workers: int | None = None, train_split: str = "tr
         if train_classes and val_classes and train_classes != val_classes:
             problems.append(_problem("class_mismatch", root, (
                 f"class folders differ between {train_split} ({len(train_classes)}) and {val_split} "
-                f"({len(val_classes)}): {loaders._differences(train_classes, val_classes)}")))
+                f"({len(val_classes)}): {differences(train_split, train_classes, val_split, val_classes)}")))
 
     workers = workers if workers is not None else (os.cpu_count() or 1)
     for path, found in zip(paths, _inspect_all(paths, workers, progress)):
@@ -189,10 +190,9 @@ def format_report(report: dict) -> str:
     for name, split in report["splits"].items():
         lines.append(f"{name}: {split['images']} images in {split['classes']} classes ({split['path']})")
     if report["notes"]:
-        shown = ", ".join(n["path"] for n in report["notes"][:3])
-        more = " ..." if len(report["notes"]) > 3 else ""
+        shown = shortlist([n["path"] for n in report["notes"]], limit=3)  # paths are long: three per line
         lines.append(f"note: {len(report['notes'])} files ignored by training (not images, or outside "
-                     f"class folders): {shown}{more}")
+                     f"class folders): {shown}")
     lines.append(_summary_line(report))
     return "\n".join(lines)
 
