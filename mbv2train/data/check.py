@@ -160,6 +160,11 @@ def check_dataset(root: Path, workers: int | None = None, train_split: str = "tr
         problems += split_problems
         notes += split_notes
 
+    for name, split_dir in split_dirs.items():  # before the minutes of decoding
+        error = folders.too_few_classes(split_dir, classes[name], "data check:") if classes[name] else None
+        if error is not None:
+            raise error
+
     if train_split in split_dirs and val_split in split_dirs:
         train_classes, val_classes = classes[train_split], classes[val_split]
         if train_classes and val_classes and train_classes != val_classes:
