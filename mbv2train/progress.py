@@ -42,7 +42,7 @@ class Progress:
         if self.bar is not None:
             if show and fields is not None:
                 text = ", ".join(f"{k}={v}" for k, v in fields().items())
-                self.bar.set_postfix_str(f"{self.label}: {text}" if self.label else text, refresh=False)
+                self.bar.set_postfix_str(f"{self.label}: {text}" if self.label and text else text, refresh=False)
             self.bar.update(1)
         elif show:
             elapsed = time.perf_counter() - self.started
