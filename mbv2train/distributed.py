@@ -122,6 +122,11 @@ def current_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def current_world_size() -> int:
+    """The number of processes (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def any_rank_later(flag: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Start finding out whether a boolean device tensor is true on any process; returns the function
     that gives the answer, as a boolean tensor on the device. The reduction runs while the caller goes

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbv2train import rng
-from mbv2train.distributed import all_gather_rows, all_reduce_sum, current_rank
+from mbv2train.distributed import all_gather_rows, all_reduce_sum, current_rank, current_world_size
+from mbv2train.epoch_figures import ProgressFigures
 from mbv2train.faults import Faults
 from mbv2train.prefetch import Prefetcher
 from mbv2train.progress import Progress
@@ -171,6 +172,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
     update_ema = EmaUpdate(ema, model, settings.ema_decay) if ema is not None else None
     rank = current_rank()
     started = time.perf_counter()
+    figures = ProgressFigures(done, guard, mix is None, started, current_world_size())
+    if progress is not None:
+        progress.label = figures.label
     batches = Prefetcher(loader, rt.device)
     first_micro, end_micro = done.steps * accum, steps_per_epoch * accum
     for micro in range(first_micro, end_micro):
@@ -211,16 +215,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
             done.steps += 1
             if update_ema is not None and global_step % settings.ema_every_steps == 0:
                 update_ema(skipped)
-            if hooks.log_step is not None and global_step % settings.log_every_steps == 0:
+            at_log_step = hooks.log_step is not None and global_step % settings.log_every_steps == 0
+            if at_log_step:
                 done.settle()
                 if hooks.bad_images is not None:
                     hooks.bad_images.share()
                 hooks.log_step(global_step, {"loss": loss.item(), "lr": done.lr})
+            if at_log_step or micro + 1 == end_micro:
+                figures.share()
             hooks.faults.after_step(global_step, rank)
             if hooks.after_step is not None:
                 hooks.after_step(global_step, done)
         if progress is not None:
-            progress.update(lambda: _progress_fields(done, guard, mix is None, started))
+            progress.update(figures.fields)
 
     done.settle()
     if hooks.bad_images is not None:
@@ -239,16 +246,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: 
     if mix is None:
         metrics["train_top1"] = correct_total / max(seen_total, 1)
     return metrics, global_step
-
-
-def _progress_fields(done: EpochProgress, guard: StepGuard, with_top1: bool, started: float) -> dict[str, str]:
-    guard.read(done)  # the numbers below wait for the device anyway; rank 0 alone: no stop here
-    images_per_s = guard.images_taken / (time.perf_counter() - started)
-    fields_ = {"loss": f"{done.loss_sum.item() / max(done.seen, 1):.4f}", "lr": f"{done.lr:.4g}"}
-    if with_top1:
-        fields_["top1"] = f"{done.correct.item() / max(done.seen, 1):.3f}"
-    fields_["img/s"] = f"{images_per_s:.0f}"
-    return fields_
 
 
 def eval_logits(model: nn.Module, images: torch.Tensor, rt: Runtime, tta_flip: bool = False) -> torch.Tensor:
@@ -288,6 +285,8 @@ def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = 
     by row and top-1 prediction by column, summed over processes. ``tta_flip``: see eval_logits.
     """
     model.eval()
+    if progress is not None and current_world_size() > 1:
+        progress.label = f"rank {current_rank()}"  # its running top-1: all processes' only at the end
     sums = torch.zeros(4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, images
     confusion, classes = None, 0
     if per_class:

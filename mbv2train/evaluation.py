@@ -17,14 +17,18 @@ from torch import nn
 from mbv2train import checkpoint as ckpt
 from mbv2train import cpu_threads, data, engine, eval_report, yaml_schema
 from mbv2train.config import Config, DataConfig, config_from_dict, load_config
-from mbv2train.deploy import int8file
+from mbv2train.deploy import int8file, metadata
 from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.model import build_model
 from mbv2train.devices import resolve_amp, resolve_device
 from mbv2train.words import plural
+from mbv2train.shortlist import shortlist
 
 TTA_MODES = ("flip",)
 MIN_CROP = 8  # data.val_crop's lower bound
+# the settings that decide what an image looks like to the model: the ones a run reports it was scored with
+PREPROCESSING_KEYS = ("data.val_resize", "data.val_crop", "data.interpolation", "data.mean", "data.std")
+SAVED_CONFIG = "the checkpoint's config"
 
 
 @dataclasses.dataclass
@@ -47,7 +51,8 @@ class EvalRequest:
 @dataclasses.dataclass
 class LoadedModel:
     """A checkpoint made ready to run: its config (with what was asked for), the model in eval mode on
-    its device, the class names (None for a bare state dict) and the runtime that prepares batches."""
+    its device, the class names (None for a bare state dict without the JSON an export writes beside it),
+    the runtime that prepares batches, and where the preprocessing settings came from."""
 
     cfg: Config
     model: nn.Module
@@ -56,6 +61,7 @@ class LoadedModel:
     device: torch.device
     rt: engine.Runtime
     trained_hflip: Optional[float] = None  # the flip probability it was trained with; None: unknown
+    preprocessing_from: str = SAVED_CONFIG
 
 
 def run_eval(req: EvalRequest) -> dict[str, Any]:
@@ -75,14 +81,15 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     if classes is not None and found != classes:
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise DataError(f"{val_dir}: its class folders differ from the checkpoint's classes "
-                        f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(extra[:5]) or '-'})")
+                        f"(missing: {shortlist(missing)}; unexpected: {shortlist(extra)})")
     if classes is None and len(found) != cfg.model.num_classes:
         raise DataError(f"{val_dir}: {plural(len(found), 'class folder')} but the model predicts "
                         f"{plural(cfg.model.num_classes, 'class')}")
 
     tta_flip = req.tta == "flip"
     metrics = engine.evaluate(loaded.model, loader, loaded.rt, per_class=per_class, tta_flip=tta_flip)
-    result = {**metrics, "ema": loaded.ema, "val_dir": str(val_dir), "tta": req.tta}
+    result = {**metrics, "ema": loaded.ema, "val_dir": str(val_dir), "tta": req.tta,
+              "preprocessing": preprocessing_of(loaded)}
     if per_class:
         confusion = result.pop("confusion")
         result.update(eval_report.summarize(confusion, found))
@@ -91,6 +98,22 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
     if req.resolutions:
         result["sweep"] = [_sweep_row(loaded, val_dir, size, metrics, tta_flip) for size in req.resolutions]
     return result
+
+
+def preprocessing_of(loaded: LoadedModel) -> dict[str, Any]:
+    """The validation preprocessing a model is run with, and where it came from (``from``)."""
+    d = loaded.cfg.data
+    return {"from": loaded.preprocessing_from, "resize": d.val_resize, "crop": d.val_crop,
+            "interpolation": d.interpolation, "mean": list(d.mean), "std": list(d.std)}
+
+
+def preprocessing_line(info: dict[str, Any]) -> str:
+    """preprocessing_of's dict as the line that tells a user how the images were prepared."""
+    def numbers(values) -> str:
+        return " ".join(f"{v:g}" for v in values)
+
+    return (f"preprocessing from {info['from']}: resize {info['resize']}, crop {info['crop']}, "
+            f"{info['interpolation']}, mean {numbers(info['mean'])}, std {numbers(info['std'])}")
 
 
 def parse_resolutions(text: Optional[str]) -> list[int]:
@@ -137,7 +160,8 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
     state = ckpt.load_checkpoint(req.ckpt)
     if int8file.is_int8_file(state):
         return _from_int8_file(state, req)
-    if classes_needed and not ckpt.is_training_checkpoint(state):
+    # an export's JSON holds what a training checkpoint would give: the class names and the preprocessing
+    if classes_needed and not ckpt.is_training_checkpoint(state) and not metadata.sidecar_of(req.ckpt).is_file():
         raise CheckpointError(f"{req.ckpt}: not a training checkpoint of mbv2 train; {classes_needed} needs one "
                               f"for the class names and the preprocessing it holds")
     if ckpt.is_training_checkpoint(state):
@@ -146,8 +170,9 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
                                   f"a training checkpoint carries its own model settings")
         saved, weights, classes, used_ema = _from_training_checkpoint(state, req)
         cfg, trained_hflip = _with_requests(saved, req), saved.data.hflip
+        preprocessing_from = _requested_source(SAVED_CONFIG, req)
     else:
-        cfg, weights, classes, used_ema = _from_state_dict(state, req), state, None, False
+        (cfg, classes, preprocessing_from), weights, used_ema = _from_state_dict(state, req), state, False
         trained_hflip = None  # a bare state dict does not say how it was trained
     cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, say=cpu_threads.to_stderr)
 
@@ -170,7 +195,7 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
         model = model.to(memory_format=torch.channels_last)
     rt = engine.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
                                cfg.data.mean, cfg.data.std)
-    return LoadedModel(cfg, model, classes, used_ema, device, rt, trained_hflip)
+    return LoadedModel(cfg, model, classes, used_ema, device, rt, trained_hflip, preprocessing_from)
 
 
 def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
@@ -191,7 +216,8 @@ def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
     cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, say=cpu_threads.to_stderr)
     model = int8file.FrozenProgram(int8file.load_program(state, req.ckpt), len(state["class_names"]))
     rt = engine.Runtime.create(device, None, False, cfg.data.mean, cfg.data.std)
-    return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, rt, saved.data.hflip)
+    return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, rt, saved.data.hflip,
+                       _requested_source(SAVED_CONFIG, req))
 
 
 def _from_training_checkpoint(state, req: EvalRequest):
@@ -240,26 +266,48 @@ def _refuse_model_changes(saved: Config, asked: Config, req: EvalRequest) -> Non
                               f"model.{f.name} {old}; mbv2 eval cannot change it, so leave model.{f.name} out")
 
 
+def _requested_source(saved: str, req: EvalRequest) -> str:
+    """Where the preprocessing comes from: ``saved`` (a checkpoint's config, an export's JSON) or --config,
+    and --set where it changes a preprocessing setting."""
+    source = f"--config {req.config}" if req.config is not None else saved
+    if any(item.split("=", 1)[0].strip() in PREPROCESSING_KEYS for item in req.overrides):
+        source += " and --set"
+    return source
+
+
 def _model_origin(req: EvalRequest) -> dict[str, str]:
     """Where each setting of the requested config came from ("--set ...", the --config file), as
     load_config saw it; only wanted on the way to an error, so read again rather than carried around."""
     return yaml_schema.load(Config, req.config, req.overrides, _options(req))[1]
 
 
-def _from_state_dict(state, req: EvalRequest) -> Config:
-    """Defaults, or --config, then --set, then --width-mult / --num-classes: a bare state dict has no config
-    of its own, so every model setting asked for applies; num_classes unset is read from its classifier."""
+def _from_state_dict(state, req: EvalRequest) -> tuple[Config, Optional[list[str]], str]:
+    """(config, class names, where the preprocessing came from) of a bare state dict.
+
+    The JSON `mbv2 export` writes beside it (a torchvision export's) gives the preprocessing, the model and
+    the class names; without one, the defaults. --config replaces the preprocessing (the model stays the
+    JSON's), then --set and --width-mult / --num-classes apply: a bare state dict has no config of its own,
+    so every model setting asked for applies; num_classes unset is read from its classifier."""
     if not isinstance(state, dict) or "classifier.1.weight" not in state:
         raise CheckpointError(f"{req.ckpt}: neither an mbv2 training checkpoint nor a MobileNetV2 state dict")
     if req.ema:
         raise CheckpointError(f"{req.ckpt}: --ema needs a training checkpoint; this is a bare state dict")
     options = {**_options(req), "model.width_mult": ("--width-mult", req.width_mult),
                "model.num_classes": ("--num-classes", req.num_classes)}
-    cfg = load_config(req.config, req.overrides, options)
+    exported = metadata.read_sidecar(req.ckpt)
+    if exported is None:
+        cfg, classes = load_config(req.config, req.overrides, options), None
+        saved = f"defaults (no {metadata.sidecar_of(req.ckpt).name} beside the file)"
+    else:
+        base, where = exported.settings, str(exported.path)
+        if req.config is not None:
+            base = {**load_config(req.config).to_dict(), "model": exported.settings["model"]}
+            where = str(req.config)
+        cfg, classes, saved = config_from_dict(base, where, req.overrides, options), exported.classes, where
     if cfg.model.num_classes is None:
         num_classes = int(state["classifier.1.weight"].shape[0])
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
-    return cfg
+    return cfg, classes, _requested_source(saved, req)
 
 
 def val_dir_of(cfg: Config, data_dir: Optional[Path]) -> Path:

@@ -26,7 +26,7 @@ from mbv2train.data.folders import is_image_file, load_image
 from mbv2train.data.loaders import EpochSampler, data_loader
 from mbv2train.data.transforms import ValTransform
 from mbv2train.errors import ConfigError, DataError
-from mbv2train.evaluation import EvalRequest, load_model
+from mbv2train.evaluation import SAVED_CONFIG, EvalRequest, load_model, preprocessing_line, preprocessing_of
 from mbv2train.progress import Progress
 from mbv2train.words import plural
 
@@ -135,9 +135,10 @@ def _reason(path: str) -> str:
 
 
 def predict(req: PredictRequest, on_prediction: Callable[[Prediction], None],
-            on_unreadable: Callable[[str], None]) -> int:
+            on_unreadable: Callable[[str], None], on_note: Callable[[str], None] = lambda line: None) -> int:
     """Predict every image of ``req.paths`` in order, calling ``on_prediction`` for each readable one as its
     batch finishes and ``on_unreadable(reason)`` for each other one; returns the number of unreadable files.
+    ``on_note`` hears the preprocessing when it is not a training checkpoint's own (an export's JSON).
 
     Bad input (a missing path, a file that is not a training checkpoint, --topk out of range) raises a
     UserError before any image is read."""
@@ -145,6 +146,8 @@ def predict(req: PredictRequest, on_prediction: Callable[[Prediction], None],
         raise ConfigError(f"--topk {req.topk}: must be at least 1")
     loaded = load_model(EvalRequest(ckpt=req.ckpt, ema=req.ema, batch_size=req.batch_size, device=req.device),
                         classes_needed="mbv2 predict")
+    if loaded.preprocessing_from != SAVED_CONFIG:
+        on_note(preprocessing_line(preprocessing_of(loaded)))
     classes = loaded.classes
     # a default that a small model cannot meet would make the command fail unasked; a number asked for is kept
     topk = min(DEFAULT_TOPK, len(classes)) if req.topk is None else req.topk

@@ -30,6 +30,7 @@ from mbv2train.config import PRETRAINED_TAGS, Config, ModelConfig
 from mbv2train.errors import CheckpointError
 from mbv2train.model import HEAD, MobileNetV2
 from mbv2train.words import plural
+from mbv2train.shortlist import shortlist
 
 __all__ = ["Source", "LoadReport", "read", "resolve_config", "load_into", "torchvision_file"]
 
@@ -38,7 +39,6 @@ __all__ = ["Source", "LoadReport", "read", "resolve_config", "load_into", "torch
 COMMON_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 LAST_BLOCK = "features.17.conv.2.weight"  # the 320-channel projection (at width 1) of the paper's last stage
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, in a state dict saved through them
-NAMES_SHOWN = 5  # classes initialized fresh that the log line names
 
 
 @dataclass
@@ -70,11 +70,9 @@ class LoadReport:
         what = f"pretrained: {where}sha256 {source.sha256[:12]}...): loaded {plural(self.loaded, 'tensor')}"
         counts = f"{plural(self.source_classes, 'class')} in the file, {self.model_classes} in the data"
         if self.kept_rows is not None:
-            named = ", ".join(self.fresh_classes[:NAMES_SHOWN])
-            if len(self.fresh_classes) > NAMES_SHOWN:
-                named += f", ... ({len(self.fresh_classes) - NAMES_SHOWN} more)"
+            named = f"{shortlist(self.fresh_classes)}; " if self.fresh_classes else ""
             return (f"{what}; classifier rows matched by class name: {self.kept_rows} kept, "
-                    f"{len(self.fresh_classes)} initialized fresh ({named + '; ' if named else ''}{counts})")
+                    f"{len(self.fresh_classes)} initialized fresh ({named}{counts})")
         if not self.reinitialized:
             return f"{what}, nothing re-initialized"
         return f"{what}; re-initialized {', '.join(self.reinitialized)} ({counts})"
@@ -168,9 +166,9 @@ def _weights_of(content: Any, path: Path, model_cfg: ModelConfig
         if weights and all(k.startswith(prefix) for k in weights):
             weights = ckpt.strip_prefix(weights, prefix)
     if "features.0.0.weight" not in weights or f"{HEAD}.1.weight" not in weights:
-        some = ", ".join(list(weights)[:3]) or "nothing"
+        some = shortlist(weights, limit=3) if weights else "nothing"
         raise CheckpointError(f"model.pretrained: {path} does not hold MobileNetV2 weights (no features.0.0.weight "
-                              f"or {HEAD}.1.weight; it holds {some}...)")
+                              f"or {HEAD}.1.weight; it holds {some})")
     return weights, width, int(round_nearest)
 
 
@@ -249,8 +247,7 @@ def load_into(model: MobileNetV2, source: Source, classes: Optional[Sequence[str
     unexpected = [k for k in source.weights if k not in target]
     if missing or unexpected:
         raise CheckpointError(f"model.pretrained: {source.file} is not a MobileNetV2 state dict "
-                              f"(missing: {', '.join(missing[:3]) or '-'}; unexpected: "
-                              f"{', '.join(unexpected[:3]) or '-'})")
+                              f"(missing: {shortlist(missing)}; unexpected: {shortlist(unexpected)})")
     misfits = _backbone_misfits(source.weights, {k: v.shape for k, v in target.items()})
     if misfits:  # resolve_config checked the width; a round_nearest that differs ends here
         raise CheckpointError(f"model.pretrained: {source.file} does not fit this model: {misfits[0]}")

@@ -21,6 +21,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stdout
         self.count = start
         self.started = time.perf_counter()
+        self.label = ""  # whose figures the line shows ("all 2 processes"), when that needs saying
         self.bar = None
         if enabled and self.stream.isatty():
             from tqdm import tqdm
@@ -40,11 +41,14 @@ class Progress:
         self.count += 1
         if self.bar is not None:
             if show and fields is not None:
-                self.bar.set_postfix(fields(), refresh=False)
+                text = ", ".join(f"{k}={v}" for k, v in fields().items())
+                self.bar.set_postfix_str(f"{self.label}: {text}" if self.label and text else text, refresh=False)
             self.bar.update(1)
         elif show:
             elapsed = time.perf_counter() - self.started
             text = " ".join(f"{k} {v}" for k, v in (fields() if fields is not None else {}).items())
+            if self.label and text:
+                text = f"{self.label}: {text}"
             print(f"{self.desc} {self.count}/{self.total} {text} ({elapsed:.0f}s)", file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from mbv2train.config import Config
 from mbv2train.errors import CheckpointError
 from mbv2train.words import plural
+from mbv2train.shortlist import shortlist
 
 
 def saved_global_batch(state: dict[str, Any]) -> int:
@@ -51,7 +52,7 @@ def keep_global_batch(cfg: Config, state: Optional[dict[str, Any]], world_size: 
         working = [n for n in range(1, target + 1) if target % n == 0]
         raise CheckpointError(f"cannot resume the global batch of {target} on {plural(world_size, 'process')}: "
                               f"{world_size} does not divide it; process counts that do: "
-                              f"{', '.join(map(str, working[:12]))}{' ...' if len(working) > 12 else ''}")
+                              f"{shortlist(working, limit=12)}")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch),
                               train=dataclasses.replace(cfg.train, accum_steps=accum))
     processes = plural(world_size, "process")

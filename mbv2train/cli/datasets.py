@@ -67,7 +67,8 @@ def data_check(
 
     Finds unreadable images, empty or mismatched class folders and wrong extensions. Exits 1 when it finds
     an error (training would stop or lose files), 0 otherwise; warnings (e.g. PNG data in a .jpg file) are
-    reported but exit 0 unless --strict.
+    reported but exit 0 unless --strict. A folder that is missing or holds a single class is one line and
+    exit 2.
     """
     from mbv2train.data.check import check_dataset, format_report
 

@@ -17,7 +17,8 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(
         help="Image files, or folders searched recursively for images.", show_default=False)],
     ckpt: Annotated[Path, typer.Option(
-        help="Checkpoint from mbv2 train: its class names and validation preprocessing are used.")],
+        help="Checkpoint from mbv2 train, or a state dict from mbv2 export --format torchvision with its JSON "
+             "beside it: its class names and validation preprocessing are used.")],
     topk: Annotated[Optional[int], typer.Option(
         help="Classes shown per image, most probable first; default: 5, or every class when there are fewer.",
         show_default=False)] = None,
@@ -52,6 +53,7 @@ def predict(
         typer.echo(f"warning: {reason}", err=True)
 
     unreadable = run_predict(PredictRequest(ckpt=ckpt, paths=paths, topk=topk, batch_size=batch_size, ema=ema,
-                                            device=device), show, warn)
+                                            device=device), show, warn,
+                             on_note=lambda line: typer.echo(f"note: {line}", err=True))
     if unreadable:
         raise typer.Exit(1)

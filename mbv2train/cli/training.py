@@ -118,10 +118,12 @@ def evaluate(
     for note in result.get("report", {}).get("notes", []):
         typer.echo(f"note: {note}", err=True)
     if as_json:
-        keys = ("top1", "top5", "loss", "images", "ema", "tta", "per_class", "confused", "sweep", "report")
+        keys = ("top1", "top5", "loss", "images", "ema", "tta", "preprocessing", "per_class", "confused", "sweep",
+                "report")
         typer.echo(json.dumps({**{k: result[k] for k in keys if k in result}, "ckpt": str(ckpt)}))
         return
     from mbv2train.eval_report import per_class_lines, sweep_lines
+    from mbv2train.evaluation import preprocessing_line
 
     weights = "EMA weights" if result["ema"] else "weights"
     tta_note = f", TTA {result['tta']}" if result["tta"] else ""
@@ -134,5 +136,6 @@ def evaluate(
         lines += sweep_lines(result["sweep"])
     if "report" in result:
         lines.append(f"report written to {result['report']['dir']}: {', '.join(result['report']['files'])}")
+    lines.append(preprocessing_line(result["preprocessing"]))
     for line in lines:
         typer.echo(line)

@@ -14,9 +14,10 @@ from typing import Callable, Optional
 
 from PIL import Image
 
-from mbv2train.data import folders, loaders
+from mbv2train.data import folders
 from mbv2train.errors import DataError
 from mbv2train.words import plural
+from mbv2train.shortlist import differences, shortlist
 
 __all__ = ["ERROR_KINDS", "PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report", "severity"]
 
@@ -160,12 +161,17 @@ def check_dataset(root: Path, workers: int | None = None, train_split: str = "tr
         problems += split_problems
         notes += split_notes
 
+    for name, split_dir in split_dirs.items():  # before the minutes of decoding
+        error = folders.too_few_classes(split_dir, classes[name], "data check:") if classes[name] else None
+        if error is not None:
+            raise error
+
     if train_split in split_dirs and val_split in split_dirs:
         train_classes, val_classes = classes[train_split], classes[val_split]
         if train_classes and val_classes and train_classes != val_classes:
             problems.append(_problem("class_mismatch", root, (
                 f"class folders differ between {train_split} ({len(train_classes)}) and {val_split} "
-                f"({len(val_classes)}): {loaders._differences(train_classes, val_classes)}")))
+                f"({len(val_classes)}): {differences(train_split, train_classes, val_split, val_classes)}")))
 
     workers = workers if workers is not None else (os.cpu_count() or 1)
     for path, found in zip(paths, _inspect_all(paths, workers, progress)):
@@ -187,10 +193,9 @@ def format_report(report: dict) -> str:
         lines.append(f"{name}: {plural(split['images'], 'image')} in {plural(split['classes'], 'class')} "
                      f"({split['path']})")
     if report["notes"]:
-        shown = ", ".join(n["path"] for n in report["notes"][:3])
-        more = " ..." if len(report["notes"]) > 3 else ""
+        shown = shortlist([n["path"] for n in report["notes"]], limit=3)  # paths are long: three per line
         lines.append(f"note: {plural(len(report['notes']), 'file')} ignored by training (not images, or outside "
-                     f"class folders): {shown}{more}")
+                     f"class folders): {shown}")
     lines.append(_summary_line(report))
     return "\n".join(lines)
 

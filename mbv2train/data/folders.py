@@ -19,8 +19,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from mbv2train.config import DataConfig
 from mbv2train.errors import DataError
 from mbv2train.words import plural
+from mbv2train.shortlist import shortlist
 
 PREPARE_VAL_HINT = "python scripts/prepare_imagenet_val.py"
+MIN_CLASSES = 2  # with one class every prediction is right: a perfect score that means nothing
 
 
 def is_image_file(name: str) -> bool:
@@ -54,8 +56,18 @@ def check_split(path: Path, what: str, key: Optional[str] = None) -> None:
                     f"expected {path}/<class>/<image>")
 
 
+def too_few_classes(split_dir: Path, classes: list[str], what: str) -> Optional[DataError]:
+    """The error for a split with fewer than MIN_CLASSES class folders, or None."""
+    if len(classes) >= MIN_CLASSES:
+        return None
+    folders_ = "class folder" if len(classes) == 1 else "class folders"
+    return DataError(f"{what} {split_dir} has {len(classes)} {folders_} ({shortlist(classes)}); "
+                     f"a classifier needs at least {MIN_CLASSES} classes")
+
+
 def resolve_dirs(cfg: DataConfig) -> tuple[Path, Path]:
-    """(train folder, val folder): data.train_dir / data.val_dir, else data.root / the split names."""
+    """(train folder, val folder): data.train_dir / data.val_dir, else data.root / the split names; each
+    with at least MIN_CLASSES class folders."""
     if cfg.train_dir is None and cfg.root is None:
         raise DataError("no training data: set data.root or --data DIR")
     if cfg.val_dir is None and cfg.root is None:
@@ -72,6 +84,9 @@ def resolve_dirs(cfg: DataConfig) -> tuple[Path, Path]:
         else:
             path, key = Path(cfg.root).expanduser() / split, f"data.root + data.{name}_split"
         check_split(path, what, key)
+        error = too_few_classes(path, class_folders(path), f"{what} folder")
+        if error is not None:
+            raise error
         dirs.append(path)
     return dirs[0], dirs[1]
 

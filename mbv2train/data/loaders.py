@@ -31,6 +31,7 @@ from mbv2train.distributed import gather_objects
 from mbv2train.errors import DataError
 from mbv2train.preemption import ignore_in_worker
 from mbv2train.words import is_or_are, plural
+from mbv2train.shortlist import differences
 
 # ---------------------------------------------------------------- dataset and sampler
 
@@ -315,14 +316,6 @@ def build_val_loader(cfg: DataConfig, val_dir: Path, rank: int = 0, world_size: 
     return loader, folder.classes
 
 
-def _differences(train: Sequence[str], val: Sequence[str]) -> str:
-    parts = []
-    for where, names in (("train", sorted(set(train) - set(val))), ("val", sorted(set(val) - set(train)))):
-        if names:
-            parts.append(f"only in {where}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
-    return "; ".join(parts)
-
-
 def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
                   device_type: str = "cpu") -> Loaders:
     """Training and validation loaders for one process of ``world_size``."""
@@ -335,7 +328,7 @@ def build_loaders(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
     val_loader, val_classes = build_val_loader(cfg, val_dir, rank, world_size, device_type)
     if val_classes != folder.classes:
         raise DataError(f"class folders differ between {train_dir} ({len(folder.classes)}) and {val_dir} "
-                        f"({len(val_classes)}): {_differences(folder.classes, val_classes)}")
+                        f"({len(val_classes)}): {differences('train', folder.classes, 'val', val_classes)}")
 
     dataset = SeededDataset(folder, TrainTransform(cfg), seed, loader=load_image_fast,
                             bad_images=cfg.bad_images, max_bad_fraction=cfg.max_bad_fraction, split="train")

@@ -64,11 +64,6 @@ def default_output(ckpt: Path, fmt: str) -> Path:
     return ckpt.with_name(ckpt.stem + SUFFIXES[fmt])
 
 
-def sidecar_of(path: Path) -> Path:
-    """The JSON beside a model file: best.pte -> best.pte.json (one per exported file, whatever its format)."""
-    return path.with_name(path.name + ".json")
-
-
 def run_export(req: ExportRequest, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     check_request(req)
     output = req.output or default_output(req.ckpt, req.format)
@@ -98,7 +93,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = lambda line: Non
                                         f"nothing was written to {output}")
     written = [output]
     if req.format in SIDECAR:
-        sidecar = sidecar_of(output)
+        sidecar = metadata.sidecar_of(output)
         atomic_files.write_text(sidecar, json.dumps(native, indent=2) + "\n")
         written.append(sidecar)
     return {"format": req.format, "path": str(output), "bytes": output.stat().st_size,

@@ -24,6 +24,7 @@ from mbv2train.deploy.source import ModelSource, load_source, prepared_batches, 
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.evaluation import EvalRequest, load_model, val_dir_of
 from mbv2train.words import plural
+from mbv2train.shortlist import differences
 
 BACKENDS = ("x86", "xnnpack")
 CALIBRATION_SEED = 0
@@ -73,7 +74,7 @@ def run_quantize(req: QuantizeRequest, log: Callable[[str], None] = lambda line:
         _, found = data.build_val_loader(src.cfg.data, folder)
         if found != src.classes:
             raise DataError(f"{folder}: its class folders are not the model's {plural(len(src.classes), 'class')} "
-                            f"({', '.join(found[:3])}, ... against {', '.join(src.classes[:3])}, ...); "
+                            f"({differences('the model', src.classes, 'the folder', found)}); "
                             f"pass the dataset the model was trained on")
 
     log(f"calibrating on {plural(req.calibration_images, 'image')} from {train_dir} ({req.backend} quantizer)")
