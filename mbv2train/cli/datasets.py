@@ -64,6 +64,9 @@ def data_check(
     Exits 1 when it finds an error (training would stop or lose files), 0 otherwise; warnings (e.g. PNG data
     in a .jpg file) are reported but exit 0 unless --strict.
     """
+    from mbv2train import preflight
+
+    preflight.for_data_check(folder)
     from mbv2train.data.check import check_dataset, format_report
 
     report = check_dataset(folder, workers=workers, strict=strict)
