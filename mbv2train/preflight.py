@@ -19,9 +19,9 @@ from mbv2train.errors import CheckpointError, ConfigError, DataError
 
 LAST_CHECKPOINT = "last.pt"  # checkpoint.LAST, which needs torch to import
 
-__all__ = ["LAST_CHECKPOINT", "data_folder", "for_bench", "for_data_check", "for_eval", "for_predict", "for_train",
-           "fresh_run_dir", "pretrained_file", "require_checkpoint_file", "require_folder", "split_folders",
-           "writable_file", "writable_folder"]
+__all__ = ["LAST_CHECKPOINT", "data_folder", "for_bench", "for_data_check", "for_dataset_writer", "for_eval",
+           "for_predict", "for_train", "fresh_run_dir", "pretrained_file", "require_checkpoint_file",
+           "require_folder", "split_folders", "writable_file", "writable_folder"]
 
 
 # ---------------------------------------------------------------- single paths
@@ -153,6 +153,11 @@ def for_predict(ckpt: Path, paths: Sequence[Path]) -> None:
 def for_bench(cfg: Config) -> None:
     """`mbv2 bench data | train`: the data folders."""
     split_folders(cfg.data)
+
+
+def for_dataset_writer(dest: Path, command: str) -> None:
+    """`mbv2 data demo | photos`: a folder that exists or can be made (what is in it is checked later)."""
+    writable_folder(Path(dest).expanduser(), command)
 
 
 def for_data_check(folder: Path) -> Path:

@@ -63,6 +63,9 @@ CASES = [
     (["bench", "train", "--data", "{t}/nowhere"], "data.root: folder {t}/nowhere does not exist"),
     (["bench", "data", "--data", "{t}/half"], "validation folder {t}/half/val does not exist"),
     (["data", "check", "{t}/nowhere"], "data check: folder {t}/nowhere does not exist"),
+    (["data", "demo", "{t}/notes.txt"], "data demo: cannot create {t}/notes.txt: a file of that name is there"),
+    (["data", "photos", "{t}/notes.txt/photos"],
+     "data photos: cannot create {t}/notes.txt/photos: {t}/notes.txt is a file"),
 ]
 
 

@@ -15,6 +15,9 @@ from mbv2train.cli.app import data_app, reports_user_errors
 @reports_user_errors
 def data_demo(dest: Annotated[Path, typer.Argument(help="Folder to write train/ and val/ into.")]) -> None:
     """Write scikit-learn's handwritten digits (1,797 real scans, 10 classes) as an ImageFolder of PNGs."""
+    from mbv2train import preflight
+
+    preflight.for_dataset_writer(dest, "data demo")
     from mbv2train.data.demo import write_demo_dataset
 
     info = write_demo_dataset(dest)
@@ -40,6 +43,9 @@ def data_photos(
 
     The same options write the same files; a folder already holding them is left as it is.
     """
+    from mbv2train import preflight
+
+    preflight.for_dataset_writer(dest, "data photos")
     from mbv2train.data import available_cpus
     from mbv2train.data.demo import write_photo_dataset
 
