@@ -18,6 +18,7 @@ import torch
 import torchvision
 
 from mbv2train import __version__, atomic_files
+from mbv2train.checkpoint_kind import require_checkpoint_file
 from mbv2train.errors import CheckpointError
 from mbv2train.faults import NO_FAULTS, Faults, die_mid_write
 
@@ -189,12 +190,7 @@ def newest_valid_checkpoint(run_dir: Path) -> tuple[Optional[dict[str, Any]], Op
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint or state dict with weights_only=True; CheckpointError (one line) on any problem."""
     path = Path(path)
-    if path.is_dir():
-        held = sorted(p.name for p in path.glob("*.pt"))
-        hint = f" (it holds {', '.join(held)})" if held else ""
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    require_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

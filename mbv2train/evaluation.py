@@ -20,6 +20,7 @@ from mbv2train.config import Config, DataConfig, config_from_dict, load_config
 from mbv2train.deploy import int8file, metadata
 from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.model import build_model
+from mbv2train.preflight import data_folder
 from mbv2train.devices import resolve_amp, resolve_device
 from mbv2train.words import plural
 from mbv2train.shortlist import shortlist
@@ -317,7 +318,6 @@ def val_dir_of(cfg: Config, data_dir: Optional[Path]) -> Path:
         if cfg.data.val_dir is None and cfg.data.root is None:
             raise DataError("no validation data: pass --data DIR")
         return Path(cfg.data.val_dir) if cfg.data.val_dir else Path(cfg.data.root) / cfg.data.val_split
-    if not data_dir.is_dir():
-        raise DataError(f"data folder not found: {data_dir}")
+    data_folder(data_dir)
     split = data_dir / cfg.data.val_split
     return split if split.is_dir() else data_dir

@@ -31,6 +31,7 @@ from mbv2train.errors import CheckpointError
 from mbv2train.model import HEAD, MobileNetV2
 from mbv2train.words import plural
 from mbv2train.shortlist import shortlist
+from mbv2train.preflight import pretrained_file
 
 __all__ = ["Source", "LoadReport", "read", "resolve_config", "load_into", "torchvision_file"]
 
@@ -111,11 +112,7 @@ def read(model_cfg: ModelConfig, show_progress: bool = True) -> Source:
     if name in PRETRAINED_TAGS:
         path = _fetch_torchvision(name, show_progress)
     else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            what = "is a folder, not a file" if path.is_dir() else "file not found"
-            raise CheckpointError(f"model.pretrained: {what}: {path} (expected a state dict or an mbv2 "
-                                  f"checkpoint file, or one of {', '.join(PRETRAINED_TAGS)})")
+        path = pretrained_file(model_cfg)
     sha256 = ckpt.file_sha256(path)
     expected = model_cfg.pretrained_sha256
     if expected is not None and expected.lower() != sha256:

@@ -11,6 +11,7 @@ import torch
 from mbv2train import checkpoint as ckpt
 from mbv2train.errors import CheckpointError, ConfigError
 from mbv2train.words import plural
+from mbv2train.preflight import fresh_run_dir
 
 # Settings that change where files are or how fast things run, not what is computed. Any other
 # difference between the saved config and the resumed one would make the run a different experiment.
@@ -98,9 +99,7 @@ def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str]
                       ) -> Optional[dict[str, Any]]:
     """The checkpoint to continue from: None for a fresh run, the newest valid one for "auto", or PATH."""
     if resume is None:
-        if (run_dir / ckpt.LAST).exists():
-            raise CheckpointError(f"{run_dir} already holds a run ({ckpt.LAST}); continue it with --resume auto "
-                                  f"or choose another --output-dir")
+        fresh_run_dir(run_dir)
         return None
     if resume == "auto":
         state, path, only_damaged = _newest_in(run_dir, warn)

@@ -66,6 +66,7 @@ def write_status(path: Path, record: dict, replace: bool = True) -> None:
     """Put ``record`` at ``path`` all at once, so that a reader never sees half a file; with ``replace``
     False, leave a status that is already there."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a run that failed early took back the run dir it was in
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temp.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
     try:

@@ -26,6 +26,7 @@ from mbv2train.finished_run import left_finished
 from mbv2train.model import build_model
 from mbv2train.preemption import Preempted, StopFlag
 from mbv2train.progress import Progress, log
+from mbv2train.run_dir import taken_back_unless_saved
 # without_timing is imported from here by callers that compare runs
 from mbv2train.tracking import (NullTracker, Tracker, append_event, augmented_samples, epoch_line,  # noqa: F401
                                 truncate_metrics, without_timing)
@@ -47,15 +48,18 @@ def fit(cfg: Config, resume: Optional[str] = None, allow_changes: Sequence[str] 
     try:
         if restart_count() > 0:  # torchrun restarted the group after a process failed
             faults = NO_FAULTS  # injected faults belong to the first attempt, which the restart recovers from
-        state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main, restart_count())
-        cfg, note = rescale.keep_global_batch(cfg, state, dist.world_size)
-        if left_finished(state, cfg, resume, allow_changes, dist.world_size, dist.is_main):
-            return {}
-        if note is not None:
-            log(note, dist.is_main)
-        cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, run_state.recorded_threads(state),
-                        say=lambda line: log(line, dist.is_main))
-        return Run(cfg, device, amp_dtype, dist, stop, faults, state).train(state, allow_changes)
+        with taken_back_unless_saved(Path(cfg.train.output_dir), dist.is_main) as before_taking_back:
+            state = run_state.prepare_resume(resume, Path(cfg.train.output_dir), dist.is_main, restart_count())
+            cfg, note = rescale.keep_global_batch(cfg, state, dist.world_size)
+            if left_finished(state, cfg, resume, allow_changes, dist.world_size, dist.is_main):
+                return {}
+            if note is not None:
+                log(note, dist.is_main)
+            cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, run_state.recorded_threads(state),
+                            say=lambda line: log(line, dist.is_main))
+            run = Run(cfg, device, amp_dtype, dist, stop, faults, state)
+            before_taking_back.append(lambda: run.tracker.close())  # its writer thread writes into the run dir
+            return run.train(state, allow_changes)
     except RuntimeError as exc:
         failure = as_peer_failure(exc, dist.rank, cfg.train.dist_timeout_s) if dist.enabled else None
         if failure is None:

@@ -196,7 +196,8 @@ def test_eval_takes_the_width_of_a_bare_state_dict_from_set_or_config(cli, image
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "{tmp}/missing.pt"], "checkpoint not found: {tmp}/missing.pt"),
     (["--ckpt", "{run}"], "{run} is a folder, not a checkpoint file (it holds best.pt, last.pt"),
-    (["--ckpt", "{tmp}/garbage.pt"], "checkpoint is corrupt or truncated: {tmp}/garbage.pt"),
+    (["--ckpt", "{tmp}/garbage.pt"], "{tmp}/garbage.pt is not an mbv2 checkpoint (its first bytes"),
+    (["--ckpt", "{tmp}/cut.pt"], "checkpoint is corrupt or truncated: {tmp}/cut.pt"),
     (["--ckpt", "{tmp}/other.pt"], "neither an mbv2 training checkpoint nor a MobileNetV2 state dict"),
     (["--ckpt", "{run}/last.pt", "--data", "{tmp}/nowhere"], "data folder not found: {tmp}/nowhere"),
     (["--ckpt", "{run}/last.pt", "--set", "data.val_crop=999"], "data.val_crop: 999 is larger than"),
@@ -204,6 +205,7 @@ def test_eval_takes_the_width_of_a_bare_state_dict_from_set_or_config(cli, image
 ])
 def test_eval_bad_input_exits_2_with_one_line(cli, trained, tmp_path, args, message):
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
+    (tmp_path / "cut.pt").write_bytes((trained / "last.pt").read_bytes()[:5000])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     args = [a.format(tmp=tmp_path, run=trained) for a in args]
     result = cli("eval", *args)

@@ -282,7 +282,8 @@ def test_a_bad_checkpoint_gives_one_line_and_exit_2(cli, tmp_path, trained_digit
     garbage.write_bytes(b"not a checkpoint at all")
     state_dict = tmp_path / "weights.pt"
     torch.save({"classifier.1.weight": torch.zeros(2, 4)}, state_dict)
-    for path, message in ((garbage, "corrupt or truncated"), (tmp_path / "missing.pt", "checkpoint not found"),
+    for path, message in ((garbage, "is not an mbv2 checkpoint (a text file"),
+                          (tmp_path / "missing.pt", "checkpoint not found"),
                           (state_dict, "not a training checkpoint")):
         result = cli("export", "--ckpt", path, "--format", "pt2")
         assert result.exit_code == 2, result.output

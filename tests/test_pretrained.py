@@ -298,7 +298,8 @@ def _bare_state_dict(path: Path) -> None:
 
 @pytest.mark.parametrize("make, extra, message", [
     (None, [], "model.pretrained: file not found: {file}"),
-    (_garbage, [], "model.pretrained: checkpoint is corrupt or truncated: {file}"),
+    (_garbage, [], "model.pretrained: {file} is not a state dict or an mbv2 checkpoint (a text file starting "
+                   "'not a checkpoint at all"),
     (_a_list, [], "model.pretrained: {file} is neither a state dict nor an mbv2 checkpoint"),
     (_not_mobilenet, [], "model.pretrained: {file} does not hold MobileNetV2 weights"),
     (_bare_state_dict, ["model.pretrained_ema=true"], "model.pretrained_ema: {file} is a bare state dict"),

@@ -28,7 +28,7 @@ from mbv2train.distributed import DistInfo
 from mbv2train.errors import ConfigError
 from mbv2train.faults import NO_FAULTS
 from mbv2train.preemption import StopFlag
-from mbv2train.words import is_or_are, plural
+from mbv2train.words import plural
 
 # Host-device synchronizations that torch.cuda.set_sync_debug_mode cannot see, because a library makes them
 # in its own C++ code rather than through torch's API, by data.decode.

@@ -1,7 +1,8 @@
 """The ``mbv2`` command: parses options and calls one function per command.
 
-torch is imported inside the commands that need it, so ``mbv2 --help`` and config errors answer at
-once instead of after the second or more that importing torch takes.
+torch is imported inside the commands that need it, and only after preflight.py has checked the files
+and folders they were given, so ``mbv2 --help``, config errors and a missing checkpoint or data folder
+answer at once instead of after the seconds that importing torch takes.
 
 app.py       the Typer apps, shared options, and the wrapper that turns user errors into one line
 helptext.py  how --help reads: flags without placeholders, arguments by name, paragraphs wrapped once

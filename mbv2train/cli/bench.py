@@ -48,6 +48,9 @@ def bench_data(
     cfg = _load(config, overrides, **{"data.root": ("--data", str(data) if data is not None else None),
                                       "data.decode": ("--decode", decode),
                                       "data.num_workers": ("--workers", workers)})
+    from mbv2train import preflight
+
+    preflight.for_bench(cfg)
     from mbv2train.bench.data import bench_data as measure, format_data_result
 
     _print(measure(cfg, batches=batches, reference=reference), as_json, format_data_result)
@@ -113,6 +116,9 @@ def bench_train(
     choose, without a run directory, checkpoints or validation.
     """
     cfg = _load(config, overrides, **{"data.root": ("--data", str(data) if data is not None else None)})
+    from mbv2train import preflight
+
+    preflight.for_bench(cfg)
     from mbv2train.bench.train import bench_train as measure, format_train_result
 
     result = measure(cfg, steps=steps, warmup=warmup or max(2, min(20, steps // 5)), worker_trial=worker_trial)

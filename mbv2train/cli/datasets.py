@@ -19,6 +19,9 @@ def data_demo(dest: Annotated[Path, typer.Argument(help="Folder to write train/ 
 
     scikit-learn's handwritten digits, as an ImageFolder of PNGs.
     """
+    from mbv2train import preflight
+
+    preflight.for_dataset_writer(dest, "data demo")
     from mbv2train.data.demo import write_demo_dataset
 
     info = write_demo_dataset(dest)
@@ -44,6 +47,9 @@ def data_photos(
 
     The same options write the same files; a folder already holding them is left as it is.
     """
+    from mbv2train import preflight
+
+    preflight.for_dataset_writer(dest, "data photos")
     from mbv2train.data import available_cpus
     from mbv2train.data.demo import write_photo_dataset
 
@@ -70,6 +76,9 @@ def data_check(
     reported but exit 0 unless --strict. A folder that is missing or holds a single class is one line and
     exit 2.
     """
+    from mbv2train import preflight
+
+    preflight.for_data_check(folder)
     from mbv2train.data.check import check_dataset, format_report
 
     report = check_dataset(folder, workers=workers, strict=strict)

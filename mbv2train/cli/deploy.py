@@ -47,15 +47,18 @@ def export(
     model's metadata, in TorchScript's and torch.export's extra files, and in a JSON file beside the
     ExecuTorch and torchvision files.
     """
-    from mbv2train.deploy.export import ExportRequest, run_export
+    from mbv2train.deploy.requests import ExportRequest, check_export
+
+    req = ExportRequest(ckpt=ckpt, format=format, output=output, ema=ema, image_size=image_size,
+                        batch_size=batch_size, dynamic_batch=dynamic_batch, data=data, images=images)
+    check_export(req)
+    from mbv2train.deploy.export import run_export
 
     def log(line: str) -> None:
         if not as_json:
             typer.echo(line, err=True)
 
-    result = run_export(ExportRequest(ckpt=ckpt, format=format, output=output, ema=ema, image_size=image_size,
-                                      batch_size=batch_size, dynamic_batch=dynamic_batch, data=data,
-                                      images=images), log)
+    result = run_export(req, log)
     if as_json:
         typer.echo(json.dumps({k: result[k] for k in ("format", "path", "bytes", "max_abs_diff",
                                                        "top1_agreement", "images")}))
@@ -90,14 +93,18 @@ def quantize(
     The int8 file loads in mbv2 eval and mbv2 predict, and mbv2 export writes it as ONNX (with
     QuantizeLinear/DequantizeLinear nodes), pt2 or ExecuTorch.
     """
-    from mbv2train.deploy.quantize import QuantizeRequest, run_quantize
+    from mbv2train.deploy.requests import QuantizeRequest, check_quantize
+
+    req = QuantizeRequest(ckpt=ckpt, data=data, calibration_images=calibration_images, backend=backend,
+                          output=output, ema=ema)
+    check_quantize(req)
+    from mbv2train.deploy.quantize import run_quantize
 
     def log(line: str) -> None:
         if not as_json:
             typer.echo(line, err=True)
 
-    result = run_quantize(QuantizeRequest(ckpt=ckpt, data=data, calibration_images=calibration_images,
-                                          backend=backend, output=output, ema=ema), log)
+    result = run_quantize(req, log)
     if as_json:
         typer.echo(json.dumps(result))
         return

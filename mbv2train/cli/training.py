@@ -40,6 +40,7 @@ def train(
     number; a second Ctrl-C stops at once. Under torchrun, a process that dies or hangs past
     train.dist_timeout_s stops the others with exit code 1; a group torchrun restarts resumes by itself.
     """
+    from mbv2train import preflight
     from mbv2train.config import load_config
     from mbv2train.faults import Faults
 
@@ -47,6 +48,7 @@ def train(
         "data.root": ("--data", str(data) if data is not None else None),
         "train.output_dir": ("--output-dir", str(output_dir) if output_dir is not None else None)})
     faults = Faults.parse(fault or [])
+    preflight.for_train(cfg, resume)
 
     from mbv2train.preemption import Preempted
     from mbv2train.trainer import fit  # torch comes in here
@@ -109,6 +111,9 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Report loss, top-1 and top-5 of a checkpoint on a val folder."""
+    from mbv2train import preflight
+
+    preflight.for_eval(ckpt, data, config)
     from mbv2train.evaluation import EvalRequest, parse_resolutions, run_eval
 
     result = run_eval(EvalRequest(ckpt=ckpt, data=data, config=config, overrides=overrides or [], ema=ema,

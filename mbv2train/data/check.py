@@ -15,9 +15,9 @@ from typing import Callable, Optional
 from PIL import Image
 
 from mbv2train.data import folders
-from mbv2train.errors import DataError
 from mbv2train.words import plural
 from mbv2train.shortlist import differences, shortlist
+from mbv2train.preflight import for_data_check
 
 __all__ = ["ERROR_KINDS", "PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report", "severity"]
 
@@ -137,11 +137,7 @@ def check_dataset(root: Path, workers: int | None = None, train_split: str = "tr
     Notes (kind "ignored_file": files training skips) never make a report not ok. ``progress(done, total)``
     is called now and then while decoding.
     """
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"data check: folder {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"data check: {root} is not a folder")
+    root = for_data_check(root)
 
     problems, notes = [], []
     split_dirs = {name: root / name for name in (train_split, val_split) if (root / name).is_dir()}

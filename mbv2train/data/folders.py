@@ -20,6 +20,7 @@ from mbv2train.config import DataConfig
 from mbv2train.errors import DataError
 from mbv2train.words import plural
 from mbv2train.shortlist import shortlist
+from mbv2train.preflight import require_folder, split_folders
 
 PREPARE_VAL_HINT = "python scripts/prepare_imagenet_val.py"
 MIN_CLASSES = 2  # with one class every prediction is right: a perfect score that means nothing
@@ -39,13 +40,10 @@ def class_folders(split_dir: Path) -> list[str]:
 
 def check_split(path: Path, what: str, key: Optional[str] = None) -> None:
     """DataError (one line) unless ``path`` is a folder with at least one class subfolder."""
-    source = f" (set by {key})" if key else ""
-    if not path.exists():
-        raise DataError(f"{what} folder {path} does not exist{source}")
-    if not path.is_dir():
-        raise DataError(f"{what} folder {path} is not a folder{source}")
+    require_folder(path, what, key)
     if class_folders(path):
         return
+    source = f" (set by {key})" if key else ""
     n_flat = sum(1 for e in os.scandir(path) if e.is_file() and is_image_file(e.name))
     if n_flat:
         # ImageNet's validation archive unpacks to 50,000 images in one folder.
@@ -68,21 +66,8 @@ def too_few_classes(split_dir: Path, classes: list[str], what: str) -> Optional[
 def resolve_dirs(cfg: DataConfig) -> tuple[Path, Path]:
     """(train folder, val folder): data.train_dir / data.val_dir, else data.root / the split names; each
     with at least MIN_CLASSES class folders."""
-    if cfg.train_dir is None and cfg.root is None:
-        raise DataError("no training data: set data.root or --data DIR")
-    if cfg.val_dir is None and cfg.root is None:
-        raise DataError("no validation data: set data.val_dir or data.root")
-    if cfg.root is not None and (cfg.train_dir is None or cfg.val_dir is None):
-        root = Path(cfg.root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"data.root: folder {root} does not exist")
     dirs = []
-    for what, explicit, split, name in (("training", cfg.train_dir, cfg.train_split, "train"),
-                                        ("validation", cfg.val_dir, cfg.val_split, "val")):
-        if explicit is not None:
-            path, key = Path(explicit).expanduser(), f"data.{name}_dir"
-        else:
-            path, key = Path(cfg.root).expanduser() / split, f"data.root + data.{name}_split"
+    for what, path, key in split_folders(cfg):
         check_split(path, what, key)
         error = too_few_classes(path, class_folders(path), f"{what} folder")
         if error is not None:

@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,60 +16,17 @@ import torch
 
 from mbv2train import atomic_files
 from mbv2train.deploy import extras, metadata, runtimes, verify
+from mbv2train.deploy.requests import ExportRequest, check_export
 from mbv2train.deploy.source import ModelSource, load_source, real_images
 from mbv2train.errors import ConfigError
 from mbv2train.words import plural
 
-FORMATS = ("onnx", "torchscript", "pt2", "executorch", "torchvision")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "executorch": ".pte",
-            "torchvision": ".torchvision.pth"}
 SIDECAR = ("executorch", "torchvision")  # formats with no place for metadata: a JSON file beside them
 FLOAT_ONLY = ("torchscript", "torchvision")
 
 
-@dataclass
-class ExportRequest:
-    ckpt: Path
-    format: str
-    output: Optional[Path] = None
-    ema: Optional[bool] = None
-    image_size: Optional[int] = None
-    batch_size: Optional[int] = None  # a fixed batch; None: dynamic where the format allows, else 1
-    dynamic_batch: bool = False
-    data: Optional[Path] = None  # the images checked on: this folder's val split, else the checkpoint's
-    images: int = 256
-
-
-def check_request(req: ExportRequest) -> None:
-    """The mistakes found before anything is loaded: an unknown format, clashing batch options."""
-    if req.format not in FORMATS:
-        raise ConfigError(f"--format {req.format}: unknown; choose one of {', '.join(FORMATS)}")
-    if req.batch_size is not None and req.batch_size < 1:
-        raise ConfigError(f"--batch-size {req.batch_size}: must be at least 1")
-    if req.batch_size is not None and req.dynamic_batch:
-        raise ConfigError("--batch-size and --dynamic-batch: give one (a fixed batch, or any batch)")
-    if req.dynamic_batch and req.format == "executorch":
-        raise ConfigError("--dynamic-batch: ExecuTorch programs are planned for one batch size; give --batch-size")
-    if req.images < 1:
-        raise ConfigError(f"--images {req.images}: must be at least 1")
-    if req.format == "onnx":
-        extras.require("export", f"--format {req.format}")
-    if req.format == "executorch":
-        extras.require("executorch", "--format executorch")
-
-
-def default_output(ckpt: Path, fmt: str) -> Path:
-    """Beside the checkpoint, named after it: runs/x/best.pt -> runs/x/best.onnx."""
-    return ckpt.with_name(ckpt.stem + SUFFIXES[fmt])
-
-
 def run_export(req: ExportRequest, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    check_request(req)
-    output = req.output or default_output(req.ckpt, req.format)
-    if output.exists() and output.resolve() == req.ckpt.resolve():
-        raise ConfigError(f"--output {output}: is the checkpoint itself; choose another file")
-    if output.is_dir():
-        raise ConfigError(f"--output {output}: is a folder; give a file name")
+    output = check_export(req)
     src = load_source(req.ckpt, req.ema, req.image_size)
     if src.quantized and req.format in FLOAT_ONLY:
         raise ConfigError(f"--format {req.format}: takes float models; {req.ckpt} is int8 (from mbv2 quantize): "

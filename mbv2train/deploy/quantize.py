@@ -11,58 +11,28 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from mbv2train import atomic_files, data, engine
 from mbv2train.deploy import extras, int8file
+from mbv2train.deploy.requests import QuantizeRequest, check_quantize
 from mbv2train.deploy.source import ModelSource, load_source, prepared_batches, real_images
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.evaluation import EvalRequest, load_model, val_dir_of
 from mbv2train.words import plural
 from mbv2train.shortlist import differences
 
-BACKENDS = ("x86", "xnnpack")
 CALIBRATION_SEED = 0
 LATENCY_RUNS = 20  # batch-1 calls timed; the median is reported
 THROUGHPUT_RUNS = 5  # batch-32 calls timed
 
 
-@dataclass
-class QuantizeRequest:
-    ckpt: Path
-    data: Path
-    calibration_images: int = 512
-    backend: str = "x86"
-    output: Optional[Path] = None
-    ema: Optional[bool] = None
-
-
-def check_request(req: QuantizeRequest) -> None:
-    if req.backend not in BACKENDS:
-        raise ConfigError(f"--backend {req.backend}: unknown; choose one of {', '.join(BACKENDS)}")
-    if req.calibration_images < 1:
-        raise ConfigError(f"--calibration-images {req.calibration_images}: must be at least 1")
-    extras.require("quantize", "mbv2 quantize")
-    if req.backend == "xnnpack":
-        extras.require("executorch", "--backend xnnpack")
-    if not req.data.is_dir():
-        raise DataError(f"data folder not found: {req.data}")
-
-
-def default_output(ckpt: Path) -> Path:
-    return ckpt.with_name(ckpt.stem + ".int8.pt")
-
-
 def run_quantize(req: QuantizeRequest, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    check_request(req)
-    output = req.output or default_output(req.ckpt)
-    if output.exists() and output.resolve() == req.ckpt.resolve():
-        raise ConfigError(f"--output {output}: is the checkpoint itself; choose another file")
+    output = check_quantize(req)
     src = load_source(req.ckpt, req.ema, wanted_by="mbv2 quantize")
     if src.quantized:
         raise ConfigError(f"{req.ckpt}: is already an int8 model; quantize the float checkpoint it came from")
