@@ -14,6 +14,7 @@ from mbv2train import checkpoint as ckpt
 from mbv2train import pretrained, run_state
 from mbv2train.config import Config, with_num_classes
 from mbv2train.progress import log
+from mbv2train.words import plural
 
 
 def left_finished(state: Optional[dict[str, Any]], cfg: Config, resume: Optional[str], allow_changes: Sequence[str],
@@ -37,7 +38,7 @@ def left_finished(state: Optional[dict[str, Any]], cfg: Config, resume: Optional
                                                      cfg.train.keep_checkpoints):
             log(f"warning: {line}")
     done = state["epoch"]
-    line = f"nothing to train: {run_dir if auto else resume} already finished its {done} epoch{'s' * (done != 1)}"
+    line = f"nothing to train: {run_dir if auto else resume} already finished its {plural(done, 'epoch')}"
     if state.get("best_value") is not None:
         line += (f"; best {state['best_metric']} {state['best_value']:.4f} (epoch {state.get('best_epoch')}) "
                  f"in {folder / ckpt.BEST}")
