@@ -249,10 +249,6 @@ def _why(machine: Machine, workers: int) -> str:
     return "; ".join(reasons)
 
 
-def _threads(count: int) -> str:
-    return plural(count, "thread")
-
-
 def choose(setting: Optional[int], workers: int, recorded: Optional[int], env: Mapping[str, str],
            machine: Callable[[], Machine], default: int) -> ThreadChoice:
     """The count, who chose it, and the line that says so; ``machine`` is called only when it matters.
@@ -265,7 +261,7 @@ def choose(setting: Optional[int], workers: int, recorded: Optional[int], env: M
     if named:
         line = None
         if recorded not in (None, default):
-            line = f"warning: {named[0]}={env[named[0]]} gives {_threads(default)}{unlike}"
+            line = f"warning: {named[0]}={env[named[0]]} gives {plural(default, 'thread')}{unlike}"
         return ThreadChoice(default, "environment", line)
     if setting is not None:
         if recorded not in (None, setting):

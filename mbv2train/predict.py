@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mbv2train import engine
+from mbv2train import engine, preflight
 from mbv2train.data.decode import load_image_fast
 from mbv2train.data.folders import is_image_file, load_image
 from mbv2train.data.loaders import EpochSampler, data_loader
@@ -60,15 +60,14 @@ def find_images(paths: Sequence[Path]) -> list[str]:
     without images."""
     found: list[str] = []
     for path in paths:
+        preflight.require_exists(path)
         if path.is_dir():
             images = _images_under(path)
             if not images:
                 raise DataError(f"no images in {path} or below it ({' '.join(IMG_EXTENSIONS)})")
             found += images
-        elif path.exists():
-            found.append(str(path))
         else:
-            raise DataError(f"no such file or folder: {path}")
+            found.append(str(path))
     first_name = {}
     for name in found:
         first_name.setdefault(_identity(name), name)

@@ -21,7 +21,7 @@ LAST_CHECKPOINT = "last.pt"  # checkpoint.LAST, which needs torch to import
 
 __all__ = ["LAST_CHECKPOINT", "data_folder", "for_bench", "for_data_check", "for_dataset_writer", "for_eval",
            "for_predict", "for_train", "fresh_run_dir", "pretrained_file", "require_checkpoint_file",
-           "require_folder", "split_folders", "writable_file", "writable_folder"]
+           "require_exists", "require_folder", "split_folders", "writable_file", "writable_folder"]
 
 
 # ---------------------------------------------------------------- single paths
@@ -146,8 +146,13 @@ def for_predict(ckpt: Path, paths: Sequence[Path]) -> None:
     """`mbv2 predict`: the checkpoint and each image file or folder named."""
     require_checkpoint_file(ckpt)
     for path in paths:
-        if not path.exists():
-            raise DataError(f"no such file or folder: {path}")
+        require_exists(path)
+
+
+def require_exists(path: Path) -> None:
+    """An image file or folder named on the command line."""
+    if not path.exists():
+        raise DataError(f"no such file or folder: {path}")
 
 
 def for_bench(cfg: Config) -> None:

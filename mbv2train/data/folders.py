@@ -58,8 +58,7 @@ def too_few_classes(split_dir: Path, classes: list[str], what: str) -> Optional[
     """The error for a split with fewer than MIN_CLASSES class folders, or None."""
     if len(classes) >= MIN_CLASSES:
         return None
-    folders_ = "class folder" if len(classes) == 1 else "class folders"
-    return DataError(f"{what} {split_dir} has {len(classes)} {folders_} ({shortlist(classes)}); "
+    return DataError(f"{what} {split_dir} has {plural(len(classes), 'class folder')} ({shortlist(classes)}); "
                      f"a classifier needs at least {MIN_CLASSES} classes")
 
 
