@@ -18,12 +18,11 @@ import torch
 import torchvision
 
 from mbv2train import __version__, atomic_files
-from mbv2train.checkpoint_kind import require_checkpoint_file
+from mbv2train.checkpoint_kind import LAST, require_checkpoint_file
 from mbv2train.errors import CheckpointError
 from mbv2train.faults import NO_FAULTS, Faults, die_mid_write
 
 FORMAT_VERSION = 1
-LAST = "last.pt"
 PREVIOUS = "previous.pt"  # the last.pt before the newest one
 BEST = "best.pt"
 TEMP_SUFFIX = ".tmp"

@@ -14,6 +14,7 @@ from typing import Optional
 
 from mbv2train.errors import CheckpointError
 
+LAST = "last.pt"  # a run's newest checkpoint; named here, without torch, for the checks made before it
 HEAD_BYTES = 512
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGIC = b"\x80"

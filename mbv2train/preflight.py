@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mbv2train import launch
+from mbv2train.checkpoint_kind import LAST as LAST_CHECKPOINT
 from mbv2train.checkpoint_kind import require_checkpoint_file
 from mbv2train.config import Config, DataConfig, ModelConfig, PRETRAINED_TAGS, pretrained_is_file
 from mbv2train.errors import CheckpointError, ConfigError, DataError
-
-LAST_CHECKPOINT = "last.pt"  # checkpoint.LAST, which needs torch to import
 
 __all__ = ["LAST_CHECKPOINT", "data_folder", "for_bench", "for_data_check", "for_dataset_writer", "for_eval",
            "for_predict", "for_train", "fresh_run_dir", "pretrained_file", "require_checkpoint_file",
