@@ -32,7 +32,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from mbv2train import engine, rng
+from mbv2train import devices, rng
 from mbv2train.config import DataConfig
 from mbv2train.data import build_loaders, decode, folders, loaders, transforms
 from mbv2train.data.loaders import SeededDataset
@@ -168,7 +168,7 @@ def batch_costs(cfg: DataConfig, train_dir: Path, paths: list[str], seeds: list[
     step does on a CPU device (channels-last, float, normalized): default_collate against mbv2's."""
     sample = variants(cfg, train_dir)["+ no Python random state (mbv2 now)"]
     items = [(sample(p, s), 0, "") for p, s in zip(paths[:batch_size], seeds[:batch_size])]
-    runtime = engine.Runtime.create(torch.device("cpu"), None, True, cfg.mean, cfg.std)
+    runtime = devices.Runtime.create(torch.device("cpu"), None, True, cfg.mean, cfg.std)
     collates = {"default_collate": default_collate, "collate_channels_last": loaders.collate_channels_last}
     costs = {name: [] for name in collates}
     for _ in range(5):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mbv2train import trainer
+from mbv2train.train import trainer
 from mbv2train.cli import app
 
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from mbv2train import run_state
+from mbv2train.train import run_state
 from mbv2train.config import Config, load_config
 from mbv2train.model import InvertedResidual, build_model
 

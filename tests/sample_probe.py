@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from mbv2train import engine, step_guard, trainer
+from mbv2train import devices
+from mbv2train.train import step_guard, trainer
 from mbv2train.cli import app
 from mbv2train.data.loaders import SeededDataset
 
@@ -34,7 +35,7 @@ def main() -> None:
             loaded.append(list(key))
         return item
 
-    prepare = engine.Runtime.prepare
+    prepare = devices.Runtime.prepare
 
     def recording_prepare(self, images, labels):
         # a training micro-batch is on its way into the forward pass (validation loads nothing recorded)
@@ -63,7 +64,7 @@ def main() -> None:
         after_step(self, epoch, global_step, done)
 
     SeededDataset.__getitem__ = recording_getitem
-    engine.Runtime.prepare = recording_prepare
+    devices.Runtime.prepare = recording_prepare
     step_guard.StepGuard.add = recording_add
     trainer.Run._after_step = recording_after_step
     app(args)

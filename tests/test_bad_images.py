@@ -339,7 +339,7 @@ def train_command(root, run, *extra):
 
 
 def test_mbv2_train_with_skip_counts_the_three_bad_files_every_epoch(cli, bad_root, bad_paths, tmp_path):
-    from mbv2train.tracking import read_metrics
+    from mbv2train.train.tracking import read_metrics
 
     result = cli(*train_command(bad_root, tmp_path / "run", "data.bad_images=skip", "data.max_bad_fraction=0.2"))
     assert result.exit_code == 0, result.output
@@ -389,7 +389,7 @@ def test_torchrun_counts_bad_images_over_all_processes_and_every_process_stops_o
 @pytest.mark.slow
 def test_torchrun_warns_about_and_counts_the_bad_images_every_process_meets(tmp_path):
     from test_cli_train import torchrun
-    from mbv2train.tracking import read_metrics
+    from mbv2train.train.tracking import read_metrics
 
     root = tmp_path / "data"
     bad = twenty_train_images(root)

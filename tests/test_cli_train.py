@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, LineReader
-from mbv2train.tracking import read_metrics
-from mbv2train.trainer import without_timing
+from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import without_timing
 
 
 def train_args(image_root, run_dir, *extra):

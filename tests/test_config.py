@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import yaml
 
-from mbv2train.config import Config, ConfigError, ModelConfig, describe_settings, load_config
+from mbv2train.config import Config, ModelConfig, describe_settings, load_config
+from mbv2train.errors import ConfigError
 
 
 def test_defaults_without_a_file():

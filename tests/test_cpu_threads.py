@@ -248,7 +248,7 @@ def test_a_resumed_run_computes_with_the_thread_count_it_was_started_with(cli, i
 
 
 def test_eval_chooses_its_threads_and_says_so_on_stderr(cli, tiny_config, tmp_path, monkeypatch, no_thread_env):
-    from mbv2train.trainer import fit
+    from mbv2train.train.trainer import fit
 
     cfg = tiny_config("train.epochs=1", "train.tb_images=0", "train.threads=1")
     fit(cfg)

@@ -27,8 +27,8 @@ from mbv2train.data.encoded import EncodedBatch, EncodedJpeg, collate_encoded, j
 from mbv2train.data.folders import to_rgb
 from mbv2train.data.gpu_decode import BatchDecoder, _decode_jpegs, upright
 from mbv2train.errors import ConfigError, DataError
-from mbv2train.tracking import read_metrics
-from mbv2train.trainer import fit, without_timing
+from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import fit, without_timing
 
 MAX_DIFF, MAX_MEAN_DIFF = 2, 0.25
 

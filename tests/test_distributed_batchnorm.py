@@ -58,7 +58,7 @@ def test_without_sync_bn_the_saved_batchnorm_statistics_are_the_mean_over_proces
 def _reduced_matches_full_batch(rank: int, port: int, full: torch.Tensor, results) -> None:
     import torch.distributed as dist
 
-    from mbv2train.batchnorm_sync import ReducedBatchNorm2d
+    from mbv2train.train.batchnorm_sync import ReducedBatchNorm2d
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -108,7 +108,7 @@ def test_reduced_batchnorm_over_two_processes_equals_batchnorm_over_their_batche
 
 
 def test_sync_bn_with_one_process_changes_nothing_and_says_so():
-    from mbv2train.batchnorm_sync import ReducedBatchNorm2d, synchronize_batchnorm
+    from mbv2train.train.batchnorm_sync import ReducedBatchNorm2d, synchronize_batchnorm
     from mbv2train.config import ModelConfig
     from mbv2train.model import build_model
 
@@ -119,7 +119,7 @@ def test_sync_bn_with_one_process_changes_nothing_and_says_so():
 
 
 def test_sync_bn_on_the_cpu_swaps_every_batchnorm_keeping_its_state_and_checkpoint_keys():
-    from mbv2train.batchnorm_sync import ReducedBatchNorm2d, synchronize_batchnorm
+    from mbv2train.train.batchnorm_sync import ReducedBatchNorm2d, synchronize_batchnorm
     from mbv2train.config import ModelConfig
     from mbv2train.model import build_model
 

@@ -12,11 +12,11 @@ import torch
 
 from conftest import TINY_RUN, LineReader, wait_until
 from mbv2train import checkpoint as ckpt
-from mbv2train import run_state
+from mbv2train.train import run_state
 from mbv2train.faults import Faults
 from mbv2train.preemption import Preempted
-from mbv2train.tracking import read_metrics
-from mbv2train.trainer import fit, without_timing
+from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import fit, without_timing
 
 
 def train_args(image_root, run: Path, *overrides: str) -> list[str]:

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision
 
-from mbv2train.tracking import read_metrics
-from mbv2train.trainer import fit
+from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import fit
 
 
 def finished_run(tmp_path_factory, image_root, name: str, *overrides: str):

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from conftest import make_image_folder
 from eval_models import calibrated_model, colour_model, eval_config, save_checkpoint
-from mbv2train import data, eval_report
+from mbv2train import data
+from mbv2train.evaluate import report as eval_report
 from mbv2train.config import DataConfig
-from mbv2train.evaluation import sweep_sizes
+from mbv2train.evaluate.evaluation import sweep_sizes
 from mbv2train.model import build_model
 
 CLASSES = ["circle", "square", "triangle"]  # make_image_folder tints them red, green, blue
@@ -179,7 +180,7 @@ def test_most_confused_orders_by_count_then_by_class_and_skips_empty_classes():
 
 def test_changing_tb_per_class_on_resume_is_harmless():
     from mbv2train.config import Config
-    from mbv2train.run_state import config_changes
+    from mbv2train.train.run_state import config_changes
 
     saved = Config().to_dict()
     now = {**saved, "train": {**saved["train"], "tb_per_class": True}}
@@ -199,7 +200,7 @@ def per_class_table(events, tag):
 def test_tensorboard_gets_the_per_class_summary_of_each_epoch(cli, tiny_config, tmp_path):
     from test_tracking import read_events
 
-    from mbv2train.trainer import fit
+    from mbv2train.train.trainer import fit
 
     fit(tiny_config("train.tb_per_class=true"))
     run = tmp_path / "run"

@@ -13,8 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from mbv2train import data, engine
-from mbv2train.evaluation import EvalRequest, load_model
+from mbv2train import data
+from mbv2train.evaluate import loop
+from mbv2train.evaluate.evaluation import EvalRequest, load_model
 
 FORMATS = ["onnx", "torchscript", "pt2", "torchvision", "executorch"]
 SIDECAR = ("torchvision", "executorch")  # formats whose metadata goes into a JSON file beside them
@@ -43,7 +44,7 @@ def eval_logits_of(ckpt, val_dir):
     logits = []
     with torch.inference_mode():
         for images, labels, _ in loader:
-            logits.append(engine.eval_logits(loaded.model, loaded.rt.prepare(images, labels)[0], loaded.rt))
+            logits.append(loop.eval_logits(loaded.model, loaded.rt.prepare(images, labels)[0], loaded.rt))
     return [path for path, _ in loader.dataset.samples], torch.cat(logits)
 
 

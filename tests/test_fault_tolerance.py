@@ -15,8 +15,8 @@ from conftest import TINY_RUN, LineReader
 from mbv2train.errors import CheckpointError, NonFiniteLoss
 from mbv2train.faults import CRASH_EXIT_CODE, Faults
 from mbv2train.preemption import Preempted
-from mbv2train.tracking import read_metrics
-from mbv2train.trainer import fit, without_timing
+from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import fit, without_timing
 
 # 2 images per step, 12 steps per epoch: room to stop mid-epoch.
 SMALL_STEPS = ["data.batch_size=2", "train.ema=true", "train.epochs=2"]
@@ -261,7 +261,7 @@ def test_a_kill_between_last_and_its_copies_is_repaired_on_resume(image_root, tm
 
 def test_a_stale_best_copy_is_rewritten_from_the_resumed_checkpoint(tiny_config, tmp_path):
     from mbv2train.checkpoint import save_checkpoint
-    from mbv2train.run_state import restore_derived_copies
+    from mbv2train.train.run_state import restore_derived_copies
 
     fit(tiny_config("train.epochs=2"))
     run = tmp_path / "run"
@@ -431,7 +431,7 @@ def test_skipped_steps_are_counted_and_too_many_in_a_row_abort(tiny_config, tmp_
 
 def test_an_fp16_scaler_skip_is_counted_and_changes_nothing():
     from mbv2train.model import MobileNetV2
-    from mbv2train.step_guard import optimizer_step
+    from mbv2train.train.step_guard import optimizer_step
 
     model = MobileNetV2(num_classes=3, width_mult=0.25)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

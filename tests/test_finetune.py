@@ -16,8 +16,8 @@ from mbv2train.config import load_config
 from mbv2train.faults import Faults
 from mbv2train.model import MobileNetV2
 from mbv2train.preemption import Preempted
-from mbv2train.tracking import read_metrics
-from mbv2train.trainer import fit, without_timing
+from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import fit, without_timing
 from test_cli_train import torchrun
 from test_fault_tolerance import progress_line, same_state, start, train_args
 

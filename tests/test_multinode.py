@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY_RUN
-from mbv2train.tracking import read_metrics, without_timing
+from mbv2train.train.tracking import read_metrics, without_timing
 
 
 def train_args(image_root, run) -> list[str]:

@@ -11,8 +11,9 @@ import torch
 
 from conftest import truncated_jpeg
 from eval_models import calibrated_model, eval_config, save_checkpoint
-from mbv2train import data, engine
-from mbv2train.evaluation import EvalRequest, load_model
+from mbv2train import data
+from mbv2train.evaluate import loop
+from mbv2train.evaluate.evaluation import EvalRequest, load_model
 
 DIGITS_SETTINGS = ["data.val_resize=32", "data.val_crop=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
                    "data.batch_size=64"]
@@ -48,7 +49,7 @@ def eval_way_predictions(ckpt, val_dir, ema=None) -> dict[str, int]:
     with torch.inference_mode():
         for images, labels, _ in loader:
             images, labels = loaded.rt.prepare(images, labels)
-            top1 += engine.eval_logits(loaded.model, images, loaded.rt).topk(1, dim=1).indices[:, 0].tolist()
+            top1 += loop.eval_logits(loaded.model, images, loaded.rt).topk(1, dim=1).indices[:, 0].tolist()
     return {path: index for (path, _), index in zip(loader.dataset.samples, top1)}
 
 

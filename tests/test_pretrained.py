@@ -19,9 +19,9 @@ from mbv2train.config import load_config
 from mbv2train.distributed import DistInfo
 from mbv2train.faults import NO_FAULTS, Faults
 from mbv2train.preemption import Preempted, StopFlag
-from mbv2train.pretrained import torchvision_file
-from mbv2train.trainer import Run, fit, without_timing
-from mbv2train.tracking import read_metrics
+from mbv2train.model.pretrained import torchvision_file
+from mbv2train.train.trainer import Run, fit, without_timing
+from mbv2train.train.tracking import read_metrics
 
 HEAD_KEYS = ("classifier.1.weight", "classifier.1.bias")
 

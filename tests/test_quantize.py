@@ -51,7 +51,7 @@ def test_mbv2_eval_on_the_int8_file_reproduces_the_reported_top1(cli, quantized)
 
 
 def test_the_int8_file_holds_int8_weights_and_predicts_like_eval(cli, quantized):
-    from mbv2train.deploy import int8file
+    from mbv2train.model import int8file
     from mbv2train.checkpoint import load_checkpoint
 
     root, ckpt, out, report = quantized
@@ -162,7 +162,8 @@ def test_the_int8_file_replaces_the_one_there_only_once_it_is_scored(trained_dig
     import stat
     from pathlib import Path
 
-    from mbv2train.deploy import int8file, quantize
+    from mbv2train.model import int8file
+    from mbv2train.deploy import quantize
 
     root, ckpt = trained_digits
     out = tmp_path / "digits.int8.pt"

@@ -14,10 +14,10 @@ import torch
 
 from conftest import TINY_RUN, LineReader
 from mbv2train.config import load_config
-from mbv2train.engine import EpochProgress
+from mbv2train.train.epoch import EpochProgress
 from mbv2train.errors import CheckpointError
-from mbv2train.rescale import keep_global_batch, split_rank_parts
-from mbv2train.tracking import read_metrics
+from mbv2train.train.rescale import keep_global_batch, split_rank_parts
+from mbv2train.train.tracking import read_metrics
 
 PROBE = Path(__file__).with_name("sample_probe.py")
 # Unreadable training files that data.bad_images: skip replaces: 6 of the 24 samples (image_root's 3 classes

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import TINY_RUN
-from mbv2train import optim
-from mbv2train.trainer import fit, without_timing
-from mbv2train.tracking import read_metrics
+from mbv2train.train import optim
+from mbv2train.train.trainer import fit, without_timing
+from mbv2train.train.tracking import read_metrics
 
 # What build_optimizer asks for where the optimizers keep all their state on the device (a GPU)
 ON_DEVICE_OPTIONS = {"sgd": {"fused": True}, "adamw": {"fused": True}, "rmsprop": {"capturable": True}}

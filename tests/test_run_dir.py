@@ -9,7 +9,7 @@ from conftest import TINY_RUN
 from mbv2train.errors import CheckpointError
 from mbv2train.faults import Faults
 from mbv2train.preemption import Preempted
-from mbv2train.trainer import fit
+from mbv2train.train.trainer import fit
 
 # TensorBoard's writer thread, left running, would fail writing into the folder taken back, with a traceback
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")

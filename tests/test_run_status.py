@@ -6,7 +6,7 @@ import json
 from conftest import TINY_RUN
 from mbv2train.errors import ConfigError
 from mbv2train.preemption import Preempted
-from mbv2train.run_status import record_of, write_status
+from mbv2train.train.run_status import record_of, write_status
 
 
 def train_args(image_root, run_dir, status, *extra):

@@ -10,7 +10,7 @@ from eval_models import calibrated_model, eval_config, save_checkpoint
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.errors import DataError
-from mbv2train.pretrained import LoadReport, Source
+from mbv2train.model.pretrained import LoadReport, Source
 from mbv2train.shortlist import differences, shortlist
 
 DIGITS = [str(d) for d in range(10)]

@@ -15,7 +15,7 @@ import torch
 
 from conftest import TINY_RUN, LineReader, wait_until
 from test_elastic import worker_pids
-from mbv2train.tracking import read_metrics
+from mbv2train.train.tracking import read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
 

@@ -6,7 +6,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from mbv2train.model import MobileNetV2
-from mbv2train.summary import GRID_RESOLUTIONS, GRID_WIDTHS, grid, human, summarize
+from mbv2train.model.summary import GRID_RESOLUTIONS, GRID_WIDTHS, grid, human, summarize
 
 
 def test_width_1_at_224_matches_the_published_counts():

@@ -14,15 +14,17 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from conftest import TINY_RUN
-from mbv2train import engine, optim, step_guard
+from mbv2train import devices
+from mbv2train.train import optim, step_guard
+from mbv2train.train.epoch import EpochHooks, EpochProgress, TrainSettings, train_one_epoch
 from mbv2train.config import OptimConfig, ScheduleConfig
 from mbv2train.errors import NonFiniteLoss
 from mbv2train.faults import Faults
 from mbv2train.model import MobileNetV2
 from mbv2train.preemption import Preempted
 from mbv2train.progress import Progress
-from mbv2train.tracking import read_metrics
-from mbv2train.trainer import fit, without_timing
+from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import fit, without_timing
 
 # The Tensor methods that copy a value to the host: on a GPU each waits for all queued work.
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -174,22 +176,22 @@ def parts_for(model, optimizer="sgd", amp=None, ema=True, steps=STEPS) -> Simple
         model=model, device=device, optimizer=opt, ema=averaged,
         scheduler=optim.build_scheduler(opt, ScheduleConfig(warmup_epochs=0.5), epochs=1, steps_per_epoch=steps),
         scaler=torch.amp.GradScaler(device.type) if amp == torch.float16 else None,
-        rt=engine.Runtime.create(device, amp, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+        rt=devices.Runtime.create(device, amp, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
 
 
 def run_epoch(parts, *, accum=1, skip=False, clip=1.0, faults=None, after_step=None, log_every=10**6,
               log_step=None, steps=STEPS):
-    """One epoch of ``steps`` optimizer steps of engine.train_one_epoch on in-memory batches, with every
+    """One epoch of ``steps`` optimizer steps of train_one_epoch on in-memory batches, with every
     per-step policy on, logging every ``log_every`` steps (far away by default) and checkpointing never."""
-    settings = engine.TrainSettings(seed=0, label_smoothing=0.1, accum_steps=accum, grad_clip_norm=clip,
+    settings = TrainSettings(seed=0, label_smoothing=0.1, accum_steps=accum, grad_clip_norm=clip,
                                     log_every_steps=log_every, skip_nonfinite=skip, max_nonfinite_skips=3)
-    hooks = engine.EpochHooks(log_step=log_step or (lambda step, values: None), after_step=after_step,
+    hooks = EpochHooks(log_step=log_step or (lambda step, values: None), after_step=after_step,
                               faults=faults or Faults())
     progress = Progress(steps * accum, "test", log_every=10**6, enabled=True)
     batches = tiny_batches(steps * accum, pin=parts.device.type == "cuda")
-    metrics, _ = engine.train_one_epoch(parts.model, batches, parts.optimizer, parts.scheduler, parts.scaler,
+    metrics, _ = train_one_epoch(parts.model, batches, parts.optimizer, parts.scheduler, parts.scaler,
                                         parts.rt, settings, epoch=1, global_step=0, steps_per_epoch=steps,
-                                        done=engine.EpochProgress.from_state(None, parts.device), ema=parts.ema,
+                                        done=EpochProgress.from_state(None, parts.device), ema=parts.ema,
                                         progress=progress, hooks=hooks)
     return metrics
 
@@ -455,14 +457,14 @@ def test_raise_mode_also_undoes_the_step_and_names_it_at_the_boundary(accum):
 def test_rank_0s_progress_line_reads_the_flags_but_only_a_boundary_every_process_reaches_stops_the_run():
     # Under torchrun only rank 0 shows progress: a stop there would leave the other processes waiting for it.
     parts, steps = parts_for(tiny_model()), []
-    settings = engine.TrainSettings(seed=0, log_every_steps=4)
-    hooks = engine.EpochHooks(log_step=lambda step, values: None, faults=Faults(nan_loss_at_step=2),
+    settings = TrainSettings(seed=0, log_every_steps=4)
+    hooks = EpochHooks(log_step=lambda step, values: None, faults=Faults(nan_loss_at_step=2),
                               after_step=lambda step, done: steps.append(step))
     progress = Progress(STEPS, "test", log_every=1, enabled=True)  # numbers after every step
     with pytest.raises(NonFiniteLoss, match=r"^non-finite loss at step 2 "):
-        engine.train_one_epoch(parts.model, tiny_batches(STEPS), parts.optimizer, parts.scheduler, None, parts.rt,
+        train_one_epoch(parts.model, tiny_batches(STEPS), parts.optimizer, parts.scheduler, None, parts.rt,
                                settings, epoch=1, global_step=0, steps_per_epoch=STEPS,
-                               done=engine.EpochProgress.from_state(None, parts.device), progress=progress,
+                               done=EpochProgress.from_state(None, parts.device), progress=progress,
                                hooks=hooks)
     assert steps == [1, 2, 3]  # step 4's log step stopped it, before its checkpoint hook
 
@@ -506,7 +508,7 @@ def test_materialized_state_steps_exactly_like_torchs_own_first_step(name):
 
 
 def test_a_loader_error_met_while_fetching_ahead_is_raised_at_the_batch_it_belongs_to():
-    from mbv2train.prefetch import Prefetcher
+    from mbv2train.train.prefetch import Prefetcher
 
     def loader():
         yield from tiny_batches(2)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import TINY_RUN
-from mbv2train.tracking import read_metrics
+from mbv2train.train.tracking import read_metrics
 
 
 def progress_figures(line: str) -> dict[str, str]:

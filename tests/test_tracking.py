@@ -6,8 +6,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mbv2train.progress import Progress
-from mbv2train.tracking import read_metrics, truncate_metrics
-from mbv2train.trainer import fit
+from mbv2train.train.tracking import read_metrics, truncate_metrics
+from mbv2train.train.trainer import fit
 
 
 def read_events(run_dir):

@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from mbv2train.errors import CheckpointError, ConfigError, DataError
-from mbv2train.tracking import read_metrics
-from mbv2train.trainer import fit, without_timing
+from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import fit, without_timing
 
 ROW_KEYS = {"epoch", "world_size", "global_batch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "img_per_s", "epoch_time_s"}
 
@@ -88,7 +88,8 @@ def test_resume_from_an_epoch_checkpoint_ends_like_the_uninterrupted_run(tiny_co
 
 def evaluate_weights(state: dict, weights: dict) -> dict:
     """Loss, top-1, top-5 of ``weights`` on the val folder of the run that saved ``state``, computed here."""
-    from mbv2train import data, engine
+    from mbv2train import data, devices
+    from mbv2train.evaluate import loop
     from mbv2train.config import config_from_dict
     from mbv2train.model import build_model
 
@@ -96,8 +97,8 @@ def evaluate_weights(state: dict, weights: dict) -> dict:
     model = build_model(cfg.model)
     model.load_state_dict(weights)
     loader, _ = data.build_val_loader(cfg.data, Path(cfg.data.root) / cfg.data.val_split)
-    rt = engine.Runtime.create(torch.device("cpu"), None, False, cfg.data.mean, cfg.data.std)
-    return engine.evaluate(model, loader, rt)
+    rt = devices.Runtime.create(torch.device("cpu"), None, False, cfg.data.mean, cfg.data.std)
+    return loop.evaluate(model, loader, rt)
 
 
 def test_ema_metrics_are_the_ema_weights_metrics(tiny_config, tmp_path):
@@ -183,7 +184,7 @@ def test_grad_clip_norm_clips_every_optimizer_step(tiny_config, monkeypatch):
 
 def _one_sgd_step(clip_norm):
     """(gradient, update) of one plain SGD step (lr 1) through step_guard.optimizer_step on a large loss."""
-    from mbv2train.step_guard import optimizer_step
+    from mbv2train.train.step_guard import optimizer_step
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

@@ -1,7 +1,7 @@
 """`mbv2 bench model`: the training and inference step alone, on synthetic batches already in memory,
 for each precision x memory format (x torch.compile), beside a textbook PyTorch loop.
 
-The training rows run mbv2's own epoch (``engine.train_one_epoch``: uint8 -> float on the device,
+The training rows run mbv2's own epoch (``train_one_epoch``: uint8 -> float on the device,
 per-step reseeding, the non-finite guard, the config's optimizer), so they are what training gets when
 data loading keeps up; ``mbv2 bench data`` and ``mbv2 bench train`` measure the rest.
 """
@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from mbv2train import cpu_threads, engine, optim
+from mbv2train import cpu_threads, devices
+from mbv2train.train import optim
+from mbv2train.train.epoch import EpochProgress, TrainSettings, train_one_epoch
 from mbv2train.bench.common import device_name, keeps_torch_threads, rate, say, synchronize
 from mbv2train.config import Config
 from mbv2train.errors import ConfigError, UserError
@@ -84,20 +86,20 @@ def reference_rate(cfg: Config, device, images, labels, steps: int, warmup: int)
     return rate(len(labels) * steps, time.perf_counter() - started)
 
 
-def train_rate(model, cfg: Config, rt: engine.Runtime, images, labels, steps: int, warmup: int) -> float:
+def train_rate(model, cfg: Config, rt: devices.Runtime, images, labels, steps: int, warmup: int) -> float:
     """mbv2's training epoch over in-memory batches: an untimed warm-up epoch, then the timed one."""
     optimizer = optim.build_optimizer(model, cfg.optim, len(labels))
     scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
-    settings = engine.TrainSettings(seed=0, label_smoothing=cfg.train.label_smoothing, log_every_steps=10**9)
+    settings = TrainSettings(seed=0, label_smoothing=cfg.train.label_smoothing, log_every_steps=10**9)
     for epoch, count in ((0, warmup), (1, steps)):
-        metrics, _ = engine.train_one_epoch(model, InMemoryLoader(images, labels, count), optimizer, ConstantLR(),
+        metrics, _ = train_one_epoch(model, InMemoryLoader(images, labels, count), optimizer, ConstantLR(),
                                             scaler, rt, settings, epoch=epoch, global_step=0, steps_per_epoch=count,
-                                            done=engine.EpochProgress.from_state(None, rt.device))
+                                            done=EpochProgress.from_state(None, rt.device))
     return metrics["img_per_s"]
 
 
 @torch.inference_mode()
-def inference_rate(model, rt: engine.Runtime, images, labels, steps: int, warmup: int) -> float:
+def inference_rate(model, rt: devices.Runtime, images, labels, steps: int, warmup: int) -> float:
     model.eval()
     x, _ = rt.prepare(images, labels)
     for i in range(warmup + steps):
@@ -171,7 +173,7 @@ def _measure(cfg: Config, device: torch.device, batch_size: int, steps: int, war
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         channels_last = memory_format == "channels_last"
-        rt = engine.Runtime.create(device, PRECISIONS[precision], channels_last, cfg.data.mean, cfg.data.std)
+        rt = devices.Runtime.create(device, PRECISIONS[precision], channels_last, cfg.data.mean, cfg.data.std)
         model = _fresh_model(cfg, device, channels_last)
         step_model = torch.compile(model) if compiled else model
         try:

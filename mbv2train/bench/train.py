@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from mbv2train import cpu_threads, data, engine
+from mbv2train import cpu_threads, data
 from mbv2train.bench import verdict as judge
 from mbv2train.bench.common import keeps_torch_threads, rate, say, synchronize
 from mbv2train.config import Config
@@ -89,7 +89,7 @@ class StepClock:
 def build_run(cfg: Config):
     """What `mbv2 train` builds for a run (loaders, model, optimizer, scheduler, scaler, EMA, runtime),
     without touching its run directory."""
-    from mbv2train.trainer import Run
+    from mbv2train.train.trainer import Run
 
     device = resolve_device(cfg.train.device)
     # speed does not depend on the weights: no model.pretrained file to fetch or read
@@ -185,10 +185,10 @@ def _timed_steps(cfg: Config, steps: int, warmup: int, sync_debug: bool) -> dict
             count = min(run.steps_per_epoch, total - global_step)
             clock.chunk_end = global_step + count
             run.loaders.train_sampler.set_epoch(epoch)
-            hooks = engine.EpochHooks(after_step=clock.after_step, bad_images=run.bad_train)
-            metrics, global_step = engine.train_one_epoch(
+            hooks = epoch.EpochHooks(after_step=clock.after_step, bad_images=run.bad_train)
+            metrics, global_step = epoch.train_one_epoch(
                 model, waits, run.optimizer, run.scheduler, run.scaler, run.rt, settings, epoch, global_step,
-                count, engine.EpochProgress.from_state(None, device), ema=run.ema, mix=mix, hooks=hooks)
+                count, epoch.EpochProgress.from_state(None, device), ema=run.ema, mix=mix, hooks=hooks)
             loss = metrics["train_loss"]
             say(f"{global_step}/{total} steps, loss {loss:.4f}")
     except RuntimeError as exc:

@@ -48,7 +48,7 @@ def bench_data(
     cfg = _load(config, overrides, **{"data.root": ("--data", str(data) if data is not None else None),
                                       "data.decode": ("--decode", decode),
                                       "data.num_workers": ("--workers", workers)})
-    from mbv2train import preflight
+    from mbv2train.config import preflight
 
     preflight.for_bench(cfg)
     from mbv2train.bench.data import bench_data as measure, format_data_result
@@ -116,7 +116,7 @@ def bench_train(
     choose, without a run directory, checkpoints or validation.
     """
     cfg = _load(config, overrides, **{"data.root": ("--data", str(data) if data is not None else None)})
-    from mbv2train import preflight
+    from mbv2train.config import preflight
 
     preflight.for_bench(cfg)
     from mbv2train.bench.train import bench_train as measure, format_train_result

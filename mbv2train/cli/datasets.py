@@ -19,7 +19,7 @@ def data_demo(dest: Annotated[Path, typer.Argument(help="Folder to write train/ 
 
     scikit-learn's handwritten digits, as an ImageFolder of PNGs.
     """
-    from mbv2train import preflight
+    from mbv2train.config import preflight
 
     preflight.for_dataset_writer(dest, "data demo")
     from mbv2train.data.demo import write_demo_dataset
@@ -47,7 +47,7 @@ def data_photos(
 
     The same options write the same files; a folder already holding them is left as it is.
     """
-    from mbv2train import preflight
+    from mbv2train.config import preflight
 
     preflight.for_dataset_writer(dest, "data photos")
     from mbv2train.data import available_cpus
@@ -76,7 +76,7 @@ def data_check(
     reported but exit 0 unless --strict. A folder that is missing or holds a single class is one line and
     exit 2.
     """
-    from mbv2train import preflight
+    from mbv2train.config import preflight
 
     preflight.for_data_check(folder)
     from mbv2train.data.check import check_dataset, format_report

@@ -41,9 +41,10 @@ def summary(
     cfg = load_config(config, overrides or [], options={"model.width_mult": ("--width-mult", width_mult),
                                                          "model.num_classes": ("--num-classes", num_classes)})
 
-    from mbv2train import summary as summ  # torch comes in here
+    from mbv2train.data.folders import class_count  # torch comes in here
+    from mbv2train.model import summary as summ
 
-    num_classes, classes_from, note = summ.class_count(cfg)
+    num_classes, classes_from, note = class_count(cfg)
     if note is not None:
         typer.echo(f"note: {note}", err=True)
 

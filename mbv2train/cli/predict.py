@@ -40,10 +40,10 @@ def predict(
     progress bar and warnings go to stderr. An unreadable file gets one warning line and the command
     exits with 1 after predicting the others.
     """
-    from mbv2train import preflight
+    from mbv2train.config import preflight
 
     preflight.for_predict(ckpt, paths)
-    from mbv2train.predict import PredictRequest, predict as run_predict
+    from mbv2train.evaluate.predict import PredictRequest, predict as run_predict
 
     def show(prediction) -> None:
         if as_json:

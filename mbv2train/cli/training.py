@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import ConfigOption, DataOption, SetOption, app, echo_once, reports_user_errors
-from mbv2train.run_status import records_run_status
+from mbv2train.train.run_status import records_run_status
 
 
 @app.command()
@@ -40,7 +40,7 @@ def train(
     number; a second Ctrl-C stops at once. Under torchrun, a process that dies or hangs past
     train.dist_timeout_s stops the others with exit code 1; a group torchrun restarts resumes by itself.
     """
-    from mbv2train import preflight
+    from mbv2train.config import preflight
     from mbv2train.config import load_config
     from mbv2train.faults import Faults
 
@@ -51,7 +51,7 @@ def train(
     preflight.for_train(cfg, resume)
 
     from mbv2train.preemption import Preempted
-    from mbv2train.trainer import fit  # torch comes in here
+    from mbv2train.train.trainer import fit  # torch comes in here
 
     try:
         fit(cfg, resume=resume, allow_changes=allow_change or [], faults=faults)
@@ -111,10 +111,10 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Report loss, top-1 and top-5 of a checkpoint on a val folder."""
-    from mbv2train import preflight
+    from mbv2train.config import preflight
 
     preflight.for_eval(ckpt, data, config)
-    from mbv2train.evaluation import EvalRequest, parse_resolutions, run_eval
+    from mbv2train.evaluate.evaluation import EvalRequest, parse_resolutions, run_eval
 
     result = run_eval(EvalRequest(ckpt=ckpt, data=data, config=config, overrides=overrides or [], ema=ema,
                                   batch_size=batch_size, width_mult=width_mult, num_classes=num_classes,
@@ -127,8 +127,8 @@ def evaluate(
                 "report")
         typer.echo(json.dumps({**{k: result[k] for k in keys if k in result}, "ckpt": str(ckpt)}))
         return
-    from mbv2train.eval_report import per_class_lines, sweep_lines
-    from mbv2train.evaluation import preprocessing_line
+    from mbv2train.evaluate.report import per_class_lines, sweep_lines
+    from mbv2train.evaluate.evaluation import preprocessing_line
 
     weights = "EMA weights" if result["ema"] else "weights"
     tta_note = f", TTA {result['tta']}" if result["tta"] else ""

@@ -17,7 +17,7 @@ from PIL import Image
 from mbv2train.data import folders
 from mbv2train.words import plural
 from mbv2train.shortlist import differences, shortlist
-from mbv2train.preflight import for_data_check
+from mbv2train.config.preflight import for_data_check
 
 __all__ = ["ERROR_KINDS", "PROBLEM_KINDS", "WARNING_KINDS", "check_dataset", "format_report", "severity"]
 

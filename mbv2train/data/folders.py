@@ -16,11 +16,11 @@ from PIL import Image, ImageOps
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mbv2train.config import DataConfig
+from mbv2train.config import Config, DataConfig
 from mbv2train.errors import DataError
 from mbv2train.words import plural
 from mbv2train.shortlist import shortlist
-from mbv2train.preflight import require_folder, split_folders
+from mbv2train.config.preflight import require_folder, split_folders
 
 PREPARE_VAL_HINT = "python scripts/prepare_imagenet_val.py"
 MIN_CLASSES = 2  # with one class every prediction is right: a perfect score that means nothing
@@ -163,3 +163,36 @@ class ImageFolderDataset(datasets.ImageFolder):
     def find_classes(self, directory):
         classes = class_folders(Path(directory))
         return classes, {name: i for i, name in enumerate(classes)}
+
+
+IMAGENET_CLASSES = 1000  # what a summary assumes when neither the config nor its data says
+
+
+def class_count(cfg: Config) -> tuple[int, str, Optional[str]]:
+    """The classes a summary of ``cfg`` shows: model.num_classes, else as many as the class folders of the
+    config's training data (what `mbv2 train` would build), else ImageNet's 1000.
+
+    Returns (count, where a count read from the data came from, for the title ("" otherwise), a note when
+    the config names training data that could not tell)."""
+    if cfg.model.num_classes is not None:
+        return cfg.model.num_classes, "", None
+    d = cfg.data
+    if d.train_dir is None and d.root is None:
+        return IMAGENET_CLASSES, "", None
+    train_dir = Path(d.train_dir) if d.train_dir is not None else Path(d.root) / d.train_split
+    train_dir = train_dir.expanduser()
+    if not train_dir.exists():
+        reason = "does not exist"
+    elif not train_dir.is_dir():
+        reason = "is not a folder"
+    else:
+        try:
+            classes = class_folders(train_dir)
+        except OSError as exc:
+            classes, reason = [], f"cannot be read ({exc.strerror or exc})"
+        else:
+            reason = "has no class folders"
+        if classes:
+            return len(classes), f"the class folders of {train_dir}", None
+    return IMAGENET_CLASSES, "", (f"model.num_classes is unset and {train_dir} {reason}; "
+                                  f"assuming {IMAGENET_CLASSES} classes (ImageNet)")

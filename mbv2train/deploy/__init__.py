@@ -3,11 +3,8 @@ torchvision state dict), each verified in its own runtime, and int8 `mbv2 quanti
 
 source.py     a checkpoint (float, or an int8 file from mbv2 quantize) made ready to export: model,
               class names, preprocessing, the images it is checked on
-metadata.py   the mbv2.* keys that travel with every exported file
-int8file.py   the int8 file: a compressed torch.export program with its class names and preprocessing
 export.py     one writer per format
 runtimes.py   the exported file loaded back in its own runtime
 verify.py     exported against PyTorch, on real images, with the tolerance that decides success
 quantize.py   PT2E post-training int8 quantization, calibration and the float/int8 comparison
-extras.py     the optional packages each format needs, with the line that says how to install them
 """

@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from mbv2train import atomic_files
-from mbv2train.deploy import extras, metadata, runtimes, verify
+from mbv2train import extras
+from mbv2train.model import sidecar as metadata
+from mbv2train.deploy import runtimes, verify
 from mbv2train.deploy.requests import ExportRequest, check_export
 from mbv2train.deploy.source import ModelSource, load_source, real_images
 from mbv2train.errors import ConfigError

@@ -17,12 +17,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mbv2train import atomic_files, data, engine
-from mbv2train.deploy import extras, int8file
+from mbv2train import atomic_files, data
+from mbv2train.evaluate import loop
+from mbv2train import extras
+from mbv2train.model import int8file
 from mbv2train.deploy.requests import QuantizeRequest, check_quantize
 from mbv2train.deploy.source import ModelSource, load_source, prepared_batches, real_images
 from mbv2train.errors import ConfigError, DataError
-from mbv2train.evaluation import EvalRequest, load_model, val_dir_of
+from mbv2train.evaluate.evaluation import EvalRequest, load_model, val_dir_of
 from mbv2train.words import plural
 from mbv2train.shortlist import differences
 
@@ -133,7 +135,7 @@ def _scores(req: EvalRequest, val_dir: Path) -> dict[str, Any]:
     """top-1 / top-5 as mbv2 eval computes them, for the model in ``req.ckpt``."""
     loaded = load_model(req)
     loader, _ = data.build_val_loader(loaded.cfg.data, val_dir)
-    metrics = engine.evaluate(loaded.model, loader, loaded.rt)
+    metrics = loop.evaluate(loaded.model, loader, loaded.rt)
     return {k: metrics[k] for k in ("top1", "top5", "images")}
 
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mbv2train.deploy import extras
+from mbv2train import extras
 from mbv2train.errors import ConfigError
-from mbv2train.preflight import data_folder, require_checkpoint_file, writable_file
+from mbv2train.config.preflight import data_folder, require_checkpoint_file, writable_file
 
 FORMATS = ("onnx", "torchscript", "pt2", "executorch", "torchvision")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "executorch": ".pte",

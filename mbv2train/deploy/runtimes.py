@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from mbv2train.deploy import extras
+from mbv2train import extras
 
 RUNTIME_NAMES = {"onnx": "onnxruntime", "torchscript": "torch.jit.load", "pt2": "torch.export.load",
                  "executorch": "the ExecuTorch runtime", "torchvision": "torchvision.models.mobilenet_v2"}

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import data, engine
+from mbv2train import data, devices
 from mbv2train.config import Config
-from mbv2train.deploy.int8file import FrozenProgram
-from mbv2train.deploy.metadata import Preprocess
+from mbv2train.model.int8file import FrozenProgram
+from mbv2train.model.sidecar import Preprocess
 from mbv2train.errors import DataError
-from mbv2train.evaluation import EvalRequest, load_model, sweep_sizes, val_dir_of
+from mbv2train.evaluate.evaluation import EvalRequest, load_model, sweep_sizes, val_dir_of
 
 
 @dataclass
@@ -87,7 +87,7 @@ def prepared_batches(data_cfg, folder: Path, limit: int, shuffle_seed: Optional[
     """The first ``limit`` images of ``folder`` (in ``shuffle_seed``'s random order when given) through the
     evaluation transform and normalization, as contiguous float32 batches."""
     loader, _ = data.build_val_loader(data_cfg, folder, shuffle_seed=shuffle_seed)
-    rt = engine.Runtime.create(torch.device("cpu"), None, False, data_cfg.mean, data_cfg.std)
+    rt = devices.Runtime.create(torch.device("cpu"), None, False, data_cfg.mean, data_cfg.std)
     batches, count = [], 0
     for images, labels, _ in loader:
         batch = rt.prepare(images, labels)[0].contiguous()[:limit - count]

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-from mbv2train.preflight import LAST_CHECKPOINT
+from mbv2train.config.preflight import LAST_CHECKPOINT
 
 DEPTH = 2  # levels of the run directory looked at: its own files, and those in its tb/
 

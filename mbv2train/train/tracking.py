@@ -51,7 +51,7 @@ class Tracker:
         ``confusion`` is None (train.tb_per_class is off)."""
         if confusion is None:
             return
-        from mbv2train import eval_report
+        from mbv2train.evaluate import report as eval_report
 
         summary = eval_report.summarize(confusion, classes)
         name = prefix.rstrip("_")

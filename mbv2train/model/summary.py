@@ -8,20 +8,15 @@ activations, pooling and the residual additions are not counted.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
-from mbv2train.config import Config
-from mbv2train.data.folders import class_folders
 from mbv2train.model import MobileNetV2, build_model
 from mbv2train.words import plural
 
 GRID_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 GRID_RESOLUTIONS = (96, 128, 160, 192, 224)
-IMAGENET_CLASSES = 1000
 
 
 @dataclass
@@ -115,36 +110,6 @@ def summarize(model: nn.Module, image_size: int = 224, batch_size: int = 1, dept
         activation_bytes=sum(leaf_elements.values()) * batch_size * 4,
         layers=rows,
     )
-
-
-def class_count(cfg: Config) -> tuple[int, str, Optional[str]]:
-    """The classes a summary of ``cfg`` shows: model.num_classes, else as many as the class folders of the
-    config's training data (what `mbv2 train` would build), else ImageNet's 1000.
-
-    Returns (count, where a count read from the data came from, for the title ("" otherwise), a note when
-    the config names training data that could not tell)."""
-    if cfg.model.num_classes is not None:
-        return cfg.model.num_classes, "", None
-    d = cfg.data
-    if d.train_dir is None and d.root is None:
-        return IMAGENET_CLASSES, "", None
-    train_dir = Path(d.train_dir) if d.train_dir is not None else Path(d.root) / d.train_split
-    train_dir = train_dir.expanduser()
-    if not train_dir.exists():
-        reason = "does not exist"
-    elif not train_dir.is_dir():
-        reason = "is not a folder"
-    else:
-        try:
-            classes = class_folders(train_dir)
-        except OSError as exc:
-            classes, reason = [], f"cannot be read ({exc.strerror or exc})"
-        else:
-            reason = "has no class folders"
-        if classes:
-            return len(classes), f"the class folders of {train_dir}", None
-    return IMAGENET_CLASSES, "", (f"model.num_classes is unset and {train_dir} {reason}; "
-                                  f"assuming {IMAGENET_CLASSES} classes (ImageNet)")
 
 
 def summarize_config(model_config, image_size: int = 224, batch_size: int = 1, depth: int = 2) -> ModelSummary:

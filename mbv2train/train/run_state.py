@@ -11,7 +11,7 @@ import torch
 from mbv2train import checkpoint as ckpt
 from mbv2train.errors import CheckpointError, ConfigError
 from mbv2train.words import plural
-from mbv2train.preflight import fresh_run_dir
+from mbv2train.config.preflight import fresh_run_dir
 
 # Settings that change where files are or how fast things run, not what is computed. Any other
 # difference between the saved config and the resumed one would make the run a different experiment.
@@ -195,7 +195,7 @@ def check_config_changes(state: dict[str, Any], config: dict, world_size: int, a
             raise ConfigError(f"--allow-change {key}: not a config key")
     refused, harmless = config_changes(_with_defaults(state["config"]), config)
     if state.get("world_size", 1) != world_size:
-        from mbv2train.rescale import saved_global_batch
+        from mbv2train.train.rescale import saved_global_batch
 
         now = config["data"]["batch_size"] * world_size * config["train"]["accum_steps"]
         if now == saved_global_batch(state):  # rescale.keep_global_batch split it anew: the same experiment

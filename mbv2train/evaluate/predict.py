@@ -3,7 +3,7 @@ its validation preprocessing.
 
 The files go through the validation loader's code (data.loaders.data_loader: the same reading, JPEG
 decoding and ValTransform, or the device decoder with data.decode: device) and through the forward pass
-that evaluate uses (engine.eval_logits), with the weights eval would pick (evaluation.load_model); so a
+that evaluate uses (loop.eval_logits), with the weights eval would pick (evaluation.load_model); so a
 file's top-1 here is the prediction `mbv2 eval` counts for it.
 """
 
@@ -20,13 +20,14 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mbv2train import engine, preflight
+from mbv2train.evaluate import loop
+from mbv2train.config import preflight
 from mbv2train.data.decode import load_image_fast
 from mbv2train.data.folders import is_image_file, load_image
 from mbv2train.data.loaders import EpochSampler, data_loader
 from mbv2train.data.transforms import ValTransform
 from mbv2train.errors import ConfigError, DataError
-from mbv2train.evaluation import SAVED_CONFIG, EvalRequest, load_model, preprocessing_line, preprocessing_of
+from mbv2train.evaluate.evaluation import SAVED_CONFIG, EvalRequest, load_model, preprocessing_line, preprocessing_of
 from mbv2train.progress import Progress
 from mbv2train.words import plural
 
@@ -178,7 +179,7 @@ def predict(req: PredictRequest, on_prediction: Callable[[Prediction], None],
             failed = {start + k: reason for k, reason in enumerate(why[:count]) if reason}
             failed.update({position_of[path]: _reason(path) for path in why[count:]})
             images, _ = loaded.rt.prepare(images, indices)
-            logits = engine.eval_logits(loaded.model, images, loaded.rt)
+            logits = loop.eval_logits(loaded.model, images, loaded.rt)
             # ranked by the logits, as evaluate ranks them: probabilities can round two close logits equal
             top = logits.topk(topk, dim=1).indices
             probs = logits.softmax(1).gather(1, top)

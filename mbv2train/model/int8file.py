@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train.deploy import extras
+from mbv2train import extras
 from mbv2train.errors import CheckpointError
 
 FORMAT = "mbv2-int8"

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import cpu_threads, data, engine, eval_report, yaml_schema
+from mbv2train import cpu_threads, data, devices
+from mbv2train.evaluate import loop, report as eval_report
+from mbv2train.config import yaml_schema
 from mbv2train.config import Config, DataConfig, config_from_dict, load_config
-from mbv2train.deploy import int8file, metadata
+from mbv2train.model import int8file, sidecar as metadata
 from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.model import build_model
-from mbv2train.preflight import data_folder
+from mbv2train.config.preflight import data_folder
 from mbv2train.devices import resolve_amp, resolve_device
 from mbv2train.words import plural
 from mbv2train.shortlist import shortlist
@@ -60,7 +62,7 @@ class LoadedModel:
     classes: Optional[list[str]]
     ema: bool
     device: torch.device
-    rt: engine.Runtime
+    rt: devices.Runtime
     trained_hflip: Optional[float] = None  # the flip probability it was trained with; None: unknown
     preprocessing_from: str = SAVED_CONFIG
 
@@ -88,7 +90,7 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
                         f"{plural(cfg.model.num_classes, 'class')}")
 
     tta_flip = req.tta == "flip"
-    metrics = engine.evaluate(loaded.model, loader, loaded.rt, per_class=per_class, tta_flip=tta_flip)
+    metrics = loop.evaluate(loaded.model, loader, loaded.rt, per_class=per_class, tta_flip=tta_flip)
     result = {**metrics, "ema": loaded.ema, "val_dir": str(val_dir), "tta": req.tta,
               "preprocessing": preprocessing_of(loaded)}
     if per_class:
@@ -149,7 +151,7 @@ def _sweep_row(loaded: LoadedModel, val_dir: Path, size: int, at_config: dict[st
     else:
         cfg = dataclasses.replace(loaded.cfg.data, val_resize=resize, val_crop=crop)
         loader, _ = data.build_val_loader(cfg, val_dir, device_type=loaded.device.type)
-        metrics = engine.evaluate(loaded.model, loader, loaded.rt, tta_flip=tta_flip)
+        metrics = loop.evaluate(loaded.model, loader, loaded.rt, tta_flip=tta_flip)
     return {**row, **{k: metrics[k] for k in ("top1", "top5", "loss", "images")}}
 
 
@@ -194,7 +196,7 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
     model = model.to(device).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    rt = engine.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
+    rt = devices.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
                                cfg.data.mean, cfg.data.std)
     return LoadedModel(cfg, model, classes, used_ema, device, rt, trained_hflip, preprocessing_from)
 
@@ -216,7 +218,7 @@ def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
     device = torch.device("cpu")
     cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, say=cpu_threads.to_stderr)
     model = int8file.FrozenProgram(int8file.load_program(state, req.ckpt), len(state["class_names"]))
-    rt = engine.Runtime.create(device, None, False, cfg.data.mean, cfg.data.std)
+    rt = devices.Runtime.create(device, None, False, cfg.data.mean, cfg.data.std)
     return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, rt, saved.data.hflip,
                        _requested_source(SAVED_CONFIG, req))
 

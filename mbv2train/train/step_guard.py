@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from mbv2train import optim
+from mbv2train.train import optim
 from mbv2train.distributed import any_rank_later
 from mbv2train.errors import NonFiniteLoss
 

@@ -13,23 +13,25 @@ import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import cpu_threads, data, engine, finetune, optim, pretrained, rescale, rng, run_state
-from mbv2train.batchnorm_sync import (average_running_statistics, gather_running_statistics,
-                                      restore_running_statistics, synchronize_batchnorm)
+from mbv2train import cpu_threads, data, devices, rng
+from mbv2train.train import finetune, optim, rescale, run_state
+from mbv2train.train.epoch import EpochHooks, EpochProgress, TrainSettings, train_one_epoch
+from mbv2train.evaluate import loop
+from mbv2train.model import pretrained
+from mbv2train.train.batchnorm_sync import average_running_statistics, gather_running_statistics, restore_running_statistics, synchronize_batchnorm
 from mbv2train.config import Config, with_num_classes
 from mbv2train.devices import resolve_amp, resolve_device
 from mbv2train.distributed import (DistInfo, StepVote, any_rank, as_peer_failure, broadcast_from_rank0,
                                     init_distributed, min_over_ranks, restart_count, shutdown_distributed)
 from mbv2train.errors import ConfigError, DataError
 from mbv2train.faults import NO_FAULTS, Faults
-from mbv2train.finished_run import left_finished
+from mbv2train.train.finished_run import left_finished
 from mbv2train.model import build_model
 from mbv2train.preemption import Preempted, StopFlag
 from mbv2train.progress import Progress, log
-from mbv2train.run_dir import taken_back_unless_saved
+from mbv2train.train.run_dir import taken_back_unless_saved
 # without_timing is imported from here by callers that compare runs
-from mbv2train.tracking import (NullTracker, Tracker, append_event, augmented_samples, epoch_line,  # noqa: F401
-                                truncate_metrics, without_timing)
+from mbv2train.train.tracking import NullTracker, Tracker, append_event, augmented_samples, epoch_line, truncate_metrics
 from mbv2train.words import plural
 
 
@@ -114,8 +116,8 @@ class Run:
                             f"{cfg.data.batch_size} x {plural(cfg.train.accum_steps, 'accumulation step')}")
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.schedule, cfg.train.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        self.rt = engine.Runtime.create(device, amp_dtype, cfg.train.channels_last, cfg.data.mean, cfg.data.std)
-        self.settings = engine.TrainSettings(
+        self.rt = devices.Runtime.create(device, amp_dtype, cfg.train.channels_last, cfg.data.mean, cfg.data.std)
+        self.settings = TrainSettings(
             seed=cfg.train.seed, label_smoothing=cfg.train.label_smoothing, accum_steps=cfg.train.accum_steps,
             grad_clip_norm=cfg.train.grad_clip_norm, ema_every_steps=cfg.train.ema_every_steps,
             ema_decay=cfg.train.ema_decay,
@@ -150,7 +152,7 @@ class Run:
         """Run the epochs, continuing ``state`` (run_state.prepare_resume) when it is not None."""
         cfg, say = self.cfg, self.say
         warn = lambda message: log(message, say)  # noqa: E731
-        done = engine.EpochProgress.from_state(None, self.device)
+        done = EpochProgress.from_state(None, self.device)
         allowed: list[str] = []
         if state is not None:
             allowed, harmless = run_state.check_resumable(state, cfg.to_dict(), self.loaders.classes,
@@ -164,7 +166,7 @@ class Run:
             self.epoch, self.global_step = state["epoch"], state["global_step"]
             self.rank_batchnorm = state.get("rank_batchnorm")
             self.best_value, self.best_epoch = state["best_value"], state.get("best_epoch")
-            done = engine.EpochProgress.from_state(state.get("epoch_progress"), self.device, self.dist.rank,
+            done = EpochProgress.from_state(state.get("epoch_progress"), self.device, self.dist.rank,
                                                    self.dist.world_size)
             if say:
                 for line in run_state.restore_derived_copies(state, self.run_dir, cfg.train.save_every_epochs,
@@ -185,13 +187,13 @@ class Run:
         row: dict[str, Any] = {}
         for epoch in range(self.epoch + 1, cfg.train.epochs + 1):
             row = self._one_epoch(train_model.for_epoch(epoch), epoch, done, mix)
-            done = engine.EpochProgress.from_state(None, self.device)
+            done = EpochProgress.from_state(None, self.device)
         self.tracker.close()
         log(f"done: best {self.best_metric} {self.best_value:.4f}; checkpoints in {self.run_dir} "
             f"(evaluate with: mbv2 eval --ckpt {self.run_dir / ckpt.BEST})", say)
         return row
 
-    def _one_epoch(self, train_model, epoch: int, done: engine.EpochProgress, mix) -> dict[str, Any]:
+    def _one_epoch(self, train_model, epoch: int, done: EpochProgress, mix) -> dict[str, Any]:
         cfg, loaders = self.cfg, self.loaders
         if self.rank_batchnorm is not None:
             for part, model in (("model", self.model), ("ema", self.ema.module if self.ema is not None else None)):
@@ -204,11 +206,11 @@ class Run:
             self.bad_train.start_epoch()
         progress = Progress(self.steps_per_epoch * cfg.train.accum_steps, f"epoch {epoch}/{cfg.train.epochs}",
                             cfg.train.log_every_steps, enabled=self.say, start=done.steps * cfg.train.accum_steps)
-        hooks = engine.EpochHooks(
+        hooks = EpochHooks(
             log_step=lambda step, values: self.tracker.scalars(step, values, prefix="step"),
             after_step=lambda step, progress_: self._after_step(epoch, step, progress_),
             bad_images=self.bad_train, faults=self.faults)
-        train_metrics, self.global_step = engine.train_one_epoch(
+        train_metrics, self.global_step = train_one_epoch(
             train_model, loaders.train, self.optimizer, self.scheduler, self.scaler, self.rt, self.settings,
             epoch, self.global_step, self.steps_per_epoch, done, ema=self.ema, mix=mix, progress=progress,
             hooks=hooks)
@@ -232,7 +234,7 @@ class Run:
             progress = Progress(len(loaders.val), f"{prefix.replace('_', ' ').strip()} {epoch}",
                                 log_every=max(len(loaders.val), 1), enabled=self.say)
             self.faults.start_validation()
-            metrics = engine.evaluate(model, loaders.val, self.rt, progress, self.bad_val, self._stop_requested,
+            metrics = loop.evaluate(model, loaders.val, self.rt, progress, self.bad_val, self._stop_requested,
                                       stop_check_batches=self.val_stop_checks,
                                       after_batch=self.faults.after_val_batch, per_class=cfg.train.tb_per_class)
             progress.close()
@@ -264,7 +266,7 @@ class Run:
 
     # ---------------------------------------------------------------------------------------- checkpoints
 
-    def _after_step(self, epoch: int, global_step: int, done: engine.EpochProgress) -> None:
+    def _after_step(self, epoch: int, global_step: int, done: EpochProgress) -> None:
         """After every optimizer step: save when a stop signal came or a step/minute interval is up.
 
         Nothing here waits for the device unless it saves. Under torchrun the processes learn of a signal
@@ -285,7 +287,7 @@ class Run:
         minutes_up = bool(every_minutes) and self.say and time.monotonic() - self.last_save >= every_minutes * 60
         return bool(self.stop), minutes_up
 
-    def _save_and_stop(self, epoch: int, done: engine.EpochProgress) -> None:
+    def _save_and_stop(self, epoch: int, done: EpochProgress) -> None:
         self._save(done)
         raise Preempted(self._signum(), str(self.run_dir / ckpt.LAST), self.global_step)
 
@@ -293,7 +295,7 @@ class Run:
         # another process may have received the signal and this one only agreed to stop
         return self.stop.signum or signal.SIGTERM
 
-    def _save(self, done: Optional[engine.EpochProgress]) -> None:
+    def _save(self, done: Optional[EpochProgress]) -> None:
         """Save last.pt; ``done`` is the epoch's progress for a save inside an epoch, None at its end.
 
         Every process calls it: under torchrun a save inside an epoch gathers each process's part of the

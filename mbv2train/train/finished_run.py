@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mbv2train import checkpoint as ckpt
-from mbv2train import pretrained, run_state
+from mbv2train.model import pretrained
+from mbv2train.train import run_state
 from mbv2train.config import Config, with_num_classes
 from mbv2train.progress import log
 from mbv2train.words import plural

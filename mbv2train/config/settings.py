@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from mbv2train import yaml_schema
+from mbv2train.config import yaml_schema
 from mbv2train.errors import ConfigError, DataError
-from mbv2train.yaml_schema import setting
+from mbv2train.config.yaml_schema import setting
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "PRETRAINED_TAGS",
            "ScheduleConfig", "TrainConfig", "describe_settings", "load_config", "pretrained_is_file"]

@@ -31,7 +31,7 @@ from mbv2train.errors import CheckpointError
 from mbv2train.model import HEAD, MobileNetV2
 from mbv2train.words import plural
 from mbv2train.shortlist import shortlist
-from mbv2train.preflight import pretrained_file
+from mbv2train.config.preflight import pretrained_file
 
 __all__ = ["Source", "LoadReport", "read", "resolve_config", "load_into", "torchvision_file"]
 
