@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine with Python >= 3.10 and make:
 #   make demo   create .venv, install mbv2train, write the digits dataset, train on it, evaluate
-#   make test   create .venv, install mbv2train with its test tools, run the tests
+#   make test   create .venv, install mbv2train with its test tools, run ruff, lint-imports and the tests
 # Both reuse .venv on a second run. Set TORCH_SPEC to install another torch build,
 # e.g. make test TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
 
@@ -28,6 +28,8 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/mbv2 eval --ckpt $(DEMO_RUN)/best.pt
 
 test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 $(BIN)/python:

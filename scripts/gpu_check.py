@@ -149,15 +149,16 @@ def run_checks(results: dict, sizes: dict, device: torch.device, data: Path, cpu
         warmup=sizes["model_warmup"], precisions=supported_precisions(device), memory_formats=["channels_last"],
         compile=compile, compile_only=[("bf16", "channels_last")]))
     for decode in ("workers", "device"):
-        run_part(results, f"data_{decode}", lambda: bench_data(cfg(decode), batches=sizes["data_batches"]))
+        run_part(results, f"data_{decode}",
+                 lambda decode=decode: bench_data(cfg(decode), batches=sizes["data_batches"]))
     for decode in ("workers", "device"):
-        run_part(results, f"train_{decode}", lambda: bench_train(
+        run_part(results, f"train_{decode}", lambda decode=decode: bench_train(
             cfg(decode), steps=sizes["train_steps"], warmup=sizes["train_warmup"]))
     for decode in ("workers", "device"):
         if device.type != "cuda":
             results[f"sync_{decode}"] = {"skipped": "needs a CUDA device"}
             continue
-        run_part(results, f"sync_{decode}", lambda: bench_train(
+        run_part(results, f"sync_{decode}", lambda decode=decode: bench_train(
             cfg(decode), steps=sizes["sync_steps"], warmup=sizes["sync_warmup"], sync_debug=True))
 
 

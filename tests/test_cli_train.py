@@ -294,6 +294,7 @@ def test_resuming_a_finished_run_says_so_in_one_line_and_leaves_it_untouched(cli
     again = cli(*train_args(image_root, run, "train.epochs=1"), "--resume", "auto")
     assert again.exit_code == 0, again.output
     assert again.stdout.splitlines() == [
-        f"nothing to train: {run} already finished its 1 epoch; best val_top1 {best:.4f} (epoch 1) in {run / 'best.pt'}"]
+        f"nothing to train: {run} already finished its 1 epoch; best val_top1 {best:.4f} (epoch 1) "
+        f"in {run / 'best.pt'}"]
     assert again.stderr == ""
     assert snapshot(run) == before  # config.yaml, TensorBoard, metrics, checkpoints: not a byte or a time changed

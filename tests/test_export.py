@@ -181,7 +181,8 @@ def test_the_onnx_metadata_is_enough_to_preprocess_and_name_classes_without_mbv2
     assert (got - expected).abs().max().item() < 0.05
 
 
-def test_the_onnx_model_carries_exactly_the_mbv2_metadata_keys_with_a_dynamic_batch(trained_digits, onnx_export, tmp_path):
+def test_the_onnx_model_carries_exactly_the_mbv2_metadata_keys_with_a_dynamic_batch(trained_digits, onnx_export,
+                                                                                      tmp_path):
     needs("onnx")
     import onnx
 
@@ -254,7 +255,7 @@ def test_an_export_that_disagrees_with_pytorch_exits_1_and_keeps_the_file_alread
     out.write_bytes(b"an earlier export")
     honest = runtimes.LOADERS["pt2"]
     monkeypatch.setitem(runtimes.LOADERS, "pt2", lambda path, native: (
-        lambda images, run=honest(path, native): run(images) + 1e-3))
+        lambda images, run=honest(path, native): run(images) + 1e-3))  # noqa: B008 - loaded once, as the real one
     result = cli("export", "--ckpt", ckpt, "--format", "pt2", "--output", out)
     assert result.exit_code == 1
     [line] = result.stderr.strip().splitlines()[-1:]

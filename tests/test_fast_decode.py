@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from mbv2train import data

@@ -48,7 +48,7 @@ def test_stages_follow_table_2_of_the_paper():
     model = MobileNetV2()
     assert model.features[0][0].out_channels == 32 and model.features[0][0].stride == (2, 2)
     expected = []  # (out_channels, stride) for each block, expanded from (t, c, n, s)
-    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+    for _t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                        (6, 160, 3, 2), (6, 320, 1, 1)]:
         expected += [(c, s)] + [(c, 1)] * (n - 1)
     assert [(b.out_channels, b.stride) for b in blocks(model)] == expected

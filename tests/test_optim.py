@@ -58,7 +58,8 @@ def test_norm_and_bias_weight_decay_default_to_weight_decay():
 def test_group_norm_and_layer_norm_count_as_norm_layers():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LayerNorm(4), nn.Linear(4, 2))
     groups = by_name(parameter_groups(model, OptimConfig()))
-    assert {id(p) for p in groups["norm"]["params"]} == {id(p) for p in (*model[1].parameters(), *model[3].parameters())}
+    norms = (*model[1].parameters(), *model[3].parameters())
+    assert {id(p) for p in groups["norm"]["params"]} == {id(p) for p in norms}
     assert {id(p) for p in groups["bias"]["params"]} == {id(model[0].bias), id(model[4].bias)}
     assert {id(p) for p in groups["decay"]["params"]} == {id(model[0].weight), id(model[4].weight)}
 

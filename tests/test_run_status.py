@@ -62,7 +62,7 @@ def test_a_stop_that_ended_in_an_error_is_not_recorded_as_a_clean_stop():
         try:
             raise Preempted(10, "run/last.pt", 7)
         except Preempted:
-            raise ConfigError("train.output_dir: disk full")
+            raise ConfigError("train.output_dir: disk full")  # noqa: B904 - the stop is to stay its __context__
     except ConfigError as error:
         assert record_of(error) == {"exit_code": 2, "error": "train.output_dir: disk full"}
 

@@ -22,8 +22,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbat
 FAKES = {
     # srun: drop its own options, remember the step's process, run the command (its output is the job log's)
     "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\necho $$ > "$FAKE_SLURM/step.pid"\nexec "$@"\n',
-    "scontrol": '#!/bin/bash\ncase "$1" in\n  show) echo localhost ;;\n  requeue) echo "requeue $2" >> "$FAKE_SLURM/calls" ;;\n'
-                '  *) exit 1 ;;\nesac\n',
+    "scontrol": '#!/bin/bash\ncase "$1" in\n  show) echo localhost ;;\n'
+                '  requeue) echo "requeue $2" >> "$FAKE_SLURM/calls" ;;\n  *) exit 1 ;;\nesac\n',
     # scancel --signal: SLURM signals every process of the job's steps (its process tracking follows the
     # step's whole process tree), so torchrun's workers get the signal as well as torchrun
     "scancel": f"""#!{sys.executable}
@@ -168,7 +168,8 @@ def test_a_crash_after_the_warning_signal_is_not_requeued_and_fails_the_job(imag
                                                                "train.checkpoint_every_steps=1"),
                             "--fault", "stall_at_step=2"],
                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = LineReader(job.stdout), LineReader(job.stderr)
+    LineReader(job.stdout)  # read, so that a full pipe cannot block the job
+    err = LineReader(job.stderr)
     try:
         wait_until(lambda: (run / "last.pt").exists(), "the first checkpoint")
         job.send_signal(signal.SIGUSR1)

@@ -51,7 +51,7 @@ def test_progress_prints_a_line_every_n_steps_when_not_a_terminal():
     out = io.StringIO()
     with redirect_stdout(out):
         progress = Progress(total=7, desc="epoch 1/1", log_every=3)
-        for i in range(7):
+        for _ in range(7):
             progress.update(lambda: {"loss": "0.5"})
         progress.close()
     lines = out.getvalue().splitlines()

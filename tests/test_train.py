@@ -10,7 +10,8 @@ from mbv2train.errors import CheckpointError, ConfigError, DataError
 from mbv2train.train.tracking import read_metrics
 from mbv2train.train.trainer import fit, without_timing
 
-ROW_KEYS = {"epoch", "world_size", "global_batch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "img_per_s", "epoch_time_s"}
+ROW_KEYS = {"epoch", "world_size", "global_batch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "img_per_s",
+            "epoch_time_s"}
 
 
 def test_run_dir_holds_config_metrics_checkpoints_and_tensorboard(tiny_config, tmp_path):

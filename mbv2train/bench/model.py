@@ -9,6 +9,7 @@ data loading keeps up; ``mbv2 bench data`` and ``mbv2 bench train`` measure the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Optional, Sequence
 
@@ -144,7 +145,8 @@ def _measure(cfg: Config, device: torch.device, batch_size: int, steps: int, war
             raise ConfigError(f"--precision: {name!r} is not one of {', '.join(PRECISIONS)}")
         if name not in supported:
             where = "the CPU (fp16 needs a CUDA GPU)" if device.type != "cuda" else device_name(device)
-            raise ConfigError(f"--precision: {name} is not available on {where}; this device has {', '.join(supported)}")
+            raise ConfigError(f"--precision: {name} is not available on {where}; "
+                              f"this device has {', '.join(supported)}")
     for name in memory_formats:
         if name not in MEMORY_FORMATS:
             raise ConfigError(f"--memory-format: {name!r} is not one of {', '.join(MEMORY_FORMATS)}")
@@ -176,13 +178,13 @@ def _measure(cfg: Config, device: torch.device, batch_size: int, steps: int, war
         rt = devices.Runtime.create(device, PRECISIONS[precision], channels_last, cfg.data.mean, cfg.data.std)
         model = _fresh_model(cfg, device, channels_last)
         step_model = torch.compile(model) if compiled else model
-        try:
+        try:  # partial binds this setting's model now; a lambda would read names the loop rebinds and deletes
             row["train_img_per_s"] = _guard_memory(
-                lambda: train_rate(step_model, cfg, rt, images, labels, steps, warmup), batch_size)
+                functools.partial(train_rate, step_model, cfg, rt, images, labels, steps, warmup), batch_size)
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             row["infer_img_per_s"] = _guard_memory(
-                lambda: inference_rate(step_model, rt, images, labels, steps, warmup), batch_size)
+                functools.partial(inference_rate, step_model, rt, images, labels, steps, warmup), batch_size)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - torch.compile needs a compiler toolchain; report, go on

@@ -60,7 +60,8 @@ def bench_data(
 @reports_user_errors
 def bench_model(
     config: ConfigOption = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per step (default: data.batch_size).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Images per step (default: data.batch_size).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (sets train.device).")] = None,
     steps: Annotated[Optional[int], typer.Option(
         min=1, help="Timed steps per setting (default: 3 on a CPU, 50 on a GPU).")] = None,

@@ -15,6 +15,6 @@ from mbv2train.data.loaders import (BadImageLog, EpochSampler, Loaders, SeededDa
                                     build_loaders, build_val_loader, worker_count)
 from mbv2train.data.transforms import build_mix_transform, build_train_transform, build_val_transform
 
-__all__ = ["BadImageLog", "EpochSampler", "ImageFolderDataset", "Loaders", "SeededDataset", "available_cpus", "build_loaders",
-           "build_mix_transform", "build_train_transform", "build_val_loader", "build_val_transform",
+__all__ = ["BadImageLog", "EpochSampler", "ImageFolderDataset", "Loaders", "SeededDataset", "available_cpus",
+           "build_loaders", "build_mix_transform", "build_train_transform", "build_val_loader", "build_val_transform",
            "find_classes", "is_image_file", "load_image", "resolve_dirs", "worker_count"]

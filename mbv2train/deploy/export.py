@@ -45,10 +45,11 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = lambda line: Non
         log(f"exporting {req.ckpt} ({'int8' if src.quantized else 'float'}, {src.image_size} px) as {req.format}")
         WRITERS[req.format](src, temp, fixed_batch, native)
         log(f"checking it in {runtimes.RUNTIME_NAMES[req.format]} on {plural(len(images), 'image')} from {val_dir}")
-        check = verify.compare(src.model, runtimes.load(req.format, temp, native, src.quantized), images, fixed_batch, src.quantized)
+        check = verify.compare(src.model, runtimes.load(req.format, temp, native, src.quantized), images,
+                               fixed_batch, src.quantized)
         if not check.passed:
-            raise verify.ExportMismatch(f"{req.format} export of {req.ckpt} disagrees with PyTorch: {check.describe()}; "
-                                        f"nothing was written to {output}")
+            raise verify.ExportMismatch(f"{req.format} export of {req.ckpt} disagrees with PyTorch: "
+                                        f"{check.describe()}; nothing was written to {output}")
     written = [output]
     if req.format in SIDECAR:
         sidecar = metadata.sidecar_of(output)

@@ -62,7 +62,8 @@ def compare(reference: torch.nn.Module, exported: Callable[[torch.Tensor], torch
         got.append(torch.as_tensor(exported(batch)).float()[:len(chunk)])
     expected, got = torch.cat(expected), torch.cat(got)
     if got.shape != expected.shape:
-        raise ExportMismatch(f"the exported model gives logits of shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
+        raise ExportMismatch(f"the exported model gives logits of shape {tuple(got.shape)}, "
+                             f"PyTorch {tuple(expected.shape)}")
     diff = (got - expected).abs().max().item()
     agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
     return Check(diff if diff == diff else float("inf"), agreement, len(images), quantized)

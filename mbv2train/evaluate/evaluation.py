@@ -190,9 +190,9 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
         model.load_state_dict(weights)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
         raise CheckpointError(f"{req.ckpt}: weights do not fit MobileNetV2(width_mult={cfg.model.width_mult:g}, "
-                              f"num_classes={cfg.model.num_classes}): {first[1].strip() if len(first) > 1 else first[0]}"
-                              ) from None
+                              f"num_classes={cfg.model.num_classes}): {detail}") from None
     model = model.to(device).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

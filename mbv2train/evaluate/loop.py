@@ -75,7 +75,7 @@ def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = 
         if confusion is not None:
             confusion += torch.bincount(labels * classes + top[:, 0], minlength=classes * classes)
         if progress is not None:
-            progress.update(lambda: {"top1": f"{sums[1].item() / max(sums[3].item(), 1):.4f}"})
+            progress.update(lambda sums=sums: {"top1": f"{sums[1].item() / max(sums[3].item(), 1):.4f}"})
         if after_batch is not None:
             after_batch(batch)
         if should_stop is not None and (stop_check_batches is None or batch <= stop_check_batches) and should_stop():
