@@ -306,7 +306,7 @@ def use(setting: Optional[int], workers: int, recorded: Optional[int] = None,
         machine: Optional[Callable[[], Machine]] = None) -> ThreadChoice:
     """Choose (``choose``) and set torch's intra-op thread count for the rest of the process; ``say`` gets
     the line, when there is one. ``machine``: how to find the machine (default: ``measure_machine``)."""
-    import torch
+    import torch  # here, as in torch_default: the CLI's checks before training import this module without torch
 
     choice = choose(setting, workers, recorded, os.environ, machine or measure_machine, torch_default())
     if choice.source != "environment" and torch.get_num_threads() != choice.count:

@@ -42,7 +42,7 @@ def torchao_notices_muted():
 def import_pt2e_quantization():
     """torchao's PT2E module (prepare_pt2e, convert_pt2e): importing it also registers the quantized
     operators that int8 programs call."""
-    with torchao_notices_muted():
+    with torchao_notices_muted():  # torchao: the optional quantize extra
         import torchao.quantization.pt2e.quantize_pt2e as quantize_pt2e
     return quantize_pt2e
 

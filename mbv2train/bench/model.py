@@ -19,7 +19,7 @@ from torch import nn
 from mbv2train import cpu_threads, devices
 from mbv2train.train import optim
 from mbv2train.train.epoch import EpochProgress, TrainSettings, train_one_epoch
-from mbv2train.bench.common import device_name, keeps_torch_threads, rate, say, synchronize
+from mbv2train.bench.common import device_name, fmt, keeps_torch_threads, markdown_table, rate, say, synchronize
 from mbv2train.config import Config
 from mbv2train.errors import ConfigError, UserError
 from mbv2train.model import build_model
@@ -223,8 +223,6 @@ def format_row(row: dict) -> str:
 
 
 def format_model_result(result: dict) -> str:
-    from mbv2train.bench.common import fmt, markdown_table
-
     cuda = result["device"] == "cuda"
     headers = ["setting", "train img/s", "vs plain loop", "inference img/s"] + (["peak memory"] if cuda else [])
     rows = []

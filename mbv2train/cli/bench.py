@@ -10,6 +10,8 @@ import typer
 from mbv2train.cli.app import (ConfigOption, DataOption, JsonOption, SetOption, bench_app,
                                reports_user_errors)
 
+# The commands import their code (and torch) inside, so that --help stays fast (see __init__.py).
+
 
 def _load(config, overrides, **options):
     from mbv2train.config import load_config

@@ -11,6 +11,8 @@ import typer
 from mbv2train.cli.app import data_app, reports_user_errors
 from mbv2train.words import plural
 
+# The commands import their code (and torch) inside, so that --help stays fast (see __init__.py).
+
 
 @data_app.command("demo")
 @reports_user_errors

@@ -11,6 +11,8 @@ import typer
 from mbv2train.cli.app import JsonOption, app, reports_user_errors
 from mbv2train.words import plural
 
+# The commands import their code (and torch) inside, so that --help stays fast (see __init__.py).
+
 EmaOption = Annotated[Optional[bool], typer.Option(
     "--ema/--no-ema", help="Take the EMA weights or the raw ones; default: whichever the run's best metric "
                            "followed (as mbv2 eval).")]

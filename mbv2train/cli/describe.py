@@ -11,6 +11,8 @@ import typer
 from mbv2train.cli.app import ConfigOption, SetOption, app, config_app, reports_user_errors
 from mbv2train.words import plural
 
+# The commands import their code (and torch) inside, so that --help stays fast (see __init__.py).
+
 
 @app.command()
 @reports_user_errors

@@ -10,6 +10,8 @@ import typer
 
 from mbv2train.cli.app import app, reports_user_errors
 
+# The commands import their code (and torch) inside, so that --help stays fast (see __init__.py).
+
 
 @app.command()
 @reports_user_errors

@@ -11,7 +11,11 @@ from typing import Annotated, Optional
 import typer
 
 from mbv2train.cli.app import ConfigOption, DataOption, SetOption, app, echo_once, reports_user_errors
+from mbv2train.faults import Faults
+from mbv2train.preemption import Preempted
 from mbv2train.train.run_status import records_run_status
+
+# The commands import the rest (the config's yaml, torch) inside, so that --help stays fast (see __init__.py).
 
 
 @app.command()
@@ -42,7 +46,6 @@ def train(
     """
     from mbv2train.config import preflight
     from mbv2train.config import load_config
-    from mbv2train.faults import Faults
 
     cfg = load_config(config, overrides or [], options={
         "data.root": ("--data", str(data) if data is not None else None),
@@ -50,7 +53,6 @@ def train(
     faults = Faults.parse(fault or [])
     preflight.for_train(cfg, resume)
 
-    from mbv2train.preemption import Preempted
     from mbv2train.train.trainer import fit  # torch comes in here
 
     try:

@@ -18,6 +18,9 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from mbv2train.errors import DataError
 
 __all__ = ["write_demo_dataset", "write_photo_dataset", "DEMO_COUNTS", "DEMO_SIZE"]
@@ -39,8 +42,6 @@ def _count(dest: Path) -> dict[str, int] | None:
 
 
 def _save_png(pixels, path: Path) -> None:
-    from PIL import Image
-
     # Scans are 0..16; stretch to 0..255. Stored at 32x32 with nearest-neighbour (each scan pixel a
     # 4x4 block): the demo trains at 32 px, so no resampling blur is added, and RandomResizedCrop
     # gets finer crop positions than on an 8x8 image.
@@ -62,7 +63,7 @@ def write_demo_dataset(dest: Path) -> dict:
                             "remove it or pick another folder")
         return {**result, "created": False}
 
-    try:
+    try:  # scikit-learn: the optional demo extra
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
@@ -129,8 +130,6 @@ def _count_photos(dest: Path, counts: dict[str, int], classes: int) -> bool:
 
 def _draw_photo(sources, rng):
     """One ImageNet-like photo (a PIL image) cut from one of the source photos with ``rng``'s draws."""
-    from PIL import Image
-
     source = sources[rng.integers(len(sources))]
     aspect = rng.choice([a for a, _ in _ASPECTS], p=[p for _, p in _ASPECTS])
     long_side = 500 if rng.random() < 0.6 else int(rng.integers(300, 641))
@@ -155,8 +154,7 @@ def _draw_photo(sources, rng):
 
 @functools.lru_cache(maxsize=1)  # once per writing process, not once per class
 def _load_sources():
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # the optional demo extra
 
     return [Image.fromarray(pixels) for pixels in load_sample_images().images]
 
@@ -164,8 +162,6 @@ def _load_sources():
 def _write_photo_class(job: tuple[Path, int, int, int, int]) -> None:
     """Write one class folder: its photos depend only on (seed, split, class), not on which process runs it."""
     folder, split_id, class_index, count, seed = job
-    import numpy as np
-
     rng = np.random.default_rng([seed, split_id, class_index])
     sources = _load_sources()
     folder.mkdir(parents=True)
@@ -194,8 +190,7 @@ def write_photo_dataset(dest: Path, classes: int = 100, per_class: int = 50, val
             raise DataError(f"{dest} exists but is not the photo set of --classes {classes} --per-class "
                             f"{per_class} --val-per-class {val_per_class}; remove it or pick another folder")
     try:
-        import numpy  # noqa: F401
-        import sklearn.datasets  # noqa: F401
+        import sklearn.datasets  # noqa: F401 - the optional demo extra, checked before anything is written
     except ImportError:
         raise DataError("the photo set needs scikit-learn: pip install 'mbv2train[demo]'") from None
 

@@ -70,7 +70,7 @@ def _exported(src: ModelSource, fixed_batch: Optional[int]) -> torch.export.Expo
 
 
 def _write_onnx(src: ModelSource, path: Path, fixed_batch: Optional[int], native: dict[str, Any]) -> None:
-    import onnx
+    import onnx  # the optional export extra
 
     program = _exported(src, fixed_batch)
     # the exporter reports each of its passes on stdout, which carries this command's result
@@ -99,7 +99,8 @@ def _write_pt2(src: ModelSource, path: Path, fixed_batch: Optional[int], native:
 
 def executorch_lowering():
     """ExecuTorch's lowering function and its XNNPACK partitioner."""
-    with extras.torchao_notices_muted():  # executorch imports torchao
+    # the optional executorch extra, which imports torchao
+    with extras.torchao_notices_muted():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
@@ -110,7 +111,7 @@ def _write_executorch(src: ModelSource, path: Path, fixed_batch: Optional[int], 
     to_edge_transform_and_lower, XnnpackPartitioner = executorch_lowering()
     if src.quantized:
         # quantize/dequantize that XNNPACK does not take (an x86-quantized model's) run on ExecuTorch's
-        # portable quantized kernels, which this import registers
+        # portable quantized kernels, which this import (of the optional executorch extra) registers
         import executorch.kernels.quantized  # noqa: F401
 
     lowered = to_edge_transform_and_lower(_exported(src, fixed_batch), partitioner=[XnnpackPartitioner()])

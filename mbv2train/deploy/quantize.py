@@ -83,7 +83,7 @@ def run_quantize(req: QuantizeRequest, log: Callable[[str], None] = lambda line:
 
 
 def quantizer_for(backend: str):
-    if backend == "x86":
+    if backend == "x86":  # torchao and executorch: optional extras, imported for the backend asked for
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torchvision
 
 from mbv2train import extras
 
@@ -27,7 +28,7 @@ def load(fmt: str, path: Path, native: dict[str, Any], quantized: bool) -> Runne
 
 
 def _onnx(path: Path, native: dict[str, Any]) -> Runner:
-    import onnxruntime
+    import onnxruntime  # the optional export extra
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda images: torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
@@ -46,7 +47,7 @@ def _pt2(path: Path, native: dict[str, Any]) -> Runner:
 
 
 def _executorch(path: Path, native: dict[str, Any]) -> Runner:
-    from executorch.runtime import Runtime
+    from executorch.runtime import Runtime  # the optional executorch extra
 
     with _native_stderr_silenced():  # the runtime logs its CPU probing on stderr at first use
         method = Runtime.get().load_program(str(path)).load_method("forward")
@@ -54,8 +55,6 @@ def _executorch(path: Path, native: dict[str, Any]) -> Runner:
 
 
 def _torchvision(path: Path, native: dict[str, Any]) -> Runner:
-    import torchvision
-
     builder = dict(native["torchvision"])
     builder.pop("builder")
     model = torchvision.models.mobilenet_v2(**builder)

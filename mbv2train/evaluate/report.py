@@ -135,7 +135,8 @@ def _write_confusion_csv(path: Path, confusion: torch.Tensor, classes: Sequence[
 
 def _write_confusion_png(path: Path, confusion: torch.Tensor, classes: Sequence[str]) -> None:
     """Each row divided by its class's image count, so that classes of any size read alike."""
-    from matplotlib.figure import Figure  # without pyplot: no GUI backend, no global state
+    # the optional report extra; Figure without pyplot: no GUI backend, no global state
+    from matplotlib.figure import Figure
 
     counts = confusion.double()
     rows = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
+from torchvision.models import MobileNet_V2_Weights
 
 from mbv2train import checkpoint as ckpt
 from mbv2train.config import PRETRAINED_TAGS, Config, ModelConfig
@@ -81,8 +82,6 @@ class LoadReport:
 
 def torchvision_file(tag: str) -> tuple[Any, Path]:
     """(torchvision's weights enum member, the file torchvision caches it as) for a model.pretrained tag."""
-    from torchvision.models import MobileNet_V2_Weights
-
     weights = MobileNet_V2_Weights[PRETRAINED_TAGS[tag]]
     # torch.hub's cache: $TORCH_HOME/hub/checkpoints, file named after the URL (what load_state_dict_from_url uses)
     return weights, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
