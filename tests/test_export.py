@@ -309,17 +309,17 @@ def test_a_missing_extra_says_how_to_install_it(cli, trained_digits, monkeypatch
     assert module in result.stderr and f"pip install 'mbv2train[{extra}]'" in result.stderr
 
 
-def test_the_readme_lines_run_the_onnx_model_without_mbv2_and_name_evals_class(trained_digits, onnx_export, tmp_path):
+def test_the_deploy_doc_lines_run_the_onnx_model_without_mbv2_and_name_evals_class(trained_digits, onnx_export, tmp_path):
     from pathlib import Path
 
     from PIL import Image
 
     root, ckpt = trained_digits
     out, _ = onnx_export
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = readme.index("    import json, numpy as np, onnxruntime; from PIL import Image\n")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "DEPLOY.md").read_text()
+    start = doc.index("    import json, numpy as np, onnxruntime; from PIL import Image\n")
     lines = []
-    for line in readme[start:].splitlines():
+    for line in doc[start:].splitlines():
         if not line.startswith("    "):
             break
         lines.append(line[4:])
