@@ -16,6 +16,9 @@ from mbv2train.cli import app
 from mbv2train.data.demo import write_photo_dataset
 from mbv2train.errors import DataError
 
+# the photo set and the bench runs (module fixtures) are built once, on one worker
+pytestmark = pytest.mark.xdist_group("bench")
+
 TINY = ["--set", "model.width_mult=0.25", "--set", "data.image_size=32", "--set", "data.val_resize=32",
         "--set", "data.val_crop=32", "--set", "data.batch_size=4", "--set", "train.device=cpu"]
 

@@ -7,16 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_RUN, LineReader
-from mbv2train.train.tracking import read_metrics
-from mbv2train.train.trainer import without_timing
-
-
-def train_args(image_root, run_dir, *extra):
-    args = ["train", "--data", str(image_root), "--output-dir", str(run_dir)]
-    for item in [*TINY_RUN, *extra]:
-        args += ["--set", item]
-    return args
+from helpers import LineReader, metric_rows, run_ckpt, run_metrics, torchrun, train_args
 
 
 def test_train_command_runs_and_prints_epoch_lines(cli, image_root, tmp_path):
@@ -24,7 +15,7 @@ def test_train_command_runs_and_prints_epoch_lines(cli, image_root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "epoch 1 | train_loss" in result.stdout
     assert "mbv2 eval --ckpt" in result.stdout
-    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
+    assert len(run_metrics(tmp_path / "run")) == 1
 
 
 def test_the_start_line_counts_one_step_in_the_singular(cli, image_root, tmp_path):
@@ -115,34 +106,24 @@ def test_sigkill_after_an_epoch_then_resume_auto_equals_an_uninterrupted_run(ima
     LineReader(victim.stdout).wait_for("epoch 1 | train_loss")
     os.killpg(victim.pid, signal.SIGKILL)  # the whole group, workers included, with no chance to clean up
     assert victim.wait(timeout=60) == -signal.SIGKILL
-    saved = torch.load(run / "last.pt", weights_only=True)
+    saved = run_ckpt(run)
     assert (saved["epoch"], saved["epoch_progress"]) == (1, None)
-    assert len(read_metrics(run / "metrics.jsonl")) == 1
+    assert len(run_metrics(run)) == 1
 
     resumed = run_train([*args, "--resume", "auto"])
     out = LineReader(resumed.stdout)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert "resuming at epoch 2, step 0/12" in out.text()
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
-    b = torch.load(run / "last.pt", weights_only=True)
+    a = run_ckpt(tmp_path / "whole")
+    b = run_ckpt(run)
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     for key in a["optimizer"]["state"]:
         for name, value in a["optimizer"]["state"][key].items():
             assert torch.equal(value, b["optimizer"]["state"][key][name])
-    rows_a = [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
-    rows_b = [without_timing(r) for r in read_metrics(run / "metrics.jsonl")]
+    rows_a = metric_rows(tmp_path / "whole")
+    rows_b = metric_rows(run)
     assert rows_a == rows_b and len(rows_b) == 3
-
-
-def torchrun(args, *faults):
-    """``torchrun --standalone --nproc_per_node 2 -m mbv2train ARGS`` (a free port each time, so suites can
-    run side by side); returns the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    fault_args = [item for fault in faults for item in ("--fault", fault)]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "mbv2train", *args, *fault_args],
-                          env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -151,10 +132,10 @@ def test_torchrun_with_two_processes_counts_every_val_image_once(image_root, tmp
     args = train_args(image_root, run, "data.batch_size=4", "train.ema=true")
     result = torchrun(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = run_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]  # one writer: rank 0
     assert all(r["val_images"] == 12 and r["ema_val_images"] == 12 for r in rows)
-    state = torch.load(run / "last.pt", weights_only=True)
+    state = run_ckpt(run)
     assert state["world_size"] == 2
     assert state["global_step"] == 2 * (24 // 2 // 4)  # each rank sees half the images per epoch
     assert result.stdout.count("epoch 2 | train_loss") == 1
@@ -178,7 +159,7 @@ def test_torchrun_with_uneven_validation_shards_finishes_and_resumes_after_a_sto
     whole = train_args(uneven_val_root, tmp_path / "whole", *settings)
     result = torchrun(whole)
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    expected = metric_rows(tmp_path / "whole")
     assert [(r["epoch"], r["val_images"], r["ema_val_images"]) for r in expected] == [(1, 11, 11), (2, 11, 11)]
 
     # Batch 1 is one both ranks have: they agree to stop inside the pass. Batch 2 only rank 0 has: it
@@ -189,11 +170,11 @@ def test_torchrun_with_uneven_validation_shards_finishes_and_resumes_after_a_sto
         stopped = torchrun(args, f"sigterm_at_val_batch={batch}")
         assert stopped.returncode != 0 and "stopped by SIGTERM at step 3" in stopped.stdout, stopped.stderr[-3000:]
         assert "SIGTERM received" in stopped.stderr
-        state = torch.load(run / "last.pt", weights_only=True)
+        state = run_ckpt(run)
         assert state["global_step"] == 3 and state["epoch"] == 0  # epoch 1's training, its validation to redo
         resumed = torchrun([*args, "--resume", "auto"])
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert [without_timing(r) for r in read_metrics(run / "metrics.jsonl")] == expected, f"batch {batch}"
+        assert metric_rows(run) == expected, f"batch {batch}"
 
 
 @pytest.mark.slow
@@ -204,9 +185,9 @@ def test_torchrun_ranks_agree_on_skipping_a_nan_seen_by_one_rank(image_root, tmp
     args = train_args(image_root, run, "data.batch_size=4", "train.nonfinite=skip", "train.epochs=1")
     result = torchrun(args, "nan_loss_at_step=2", "nan_loss_rank=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    [row] = read_metrics(run / "metrics.jsonl")
+    [row] = run_metrics(run)
     assert row["nonfinite_skips"] == 1
-    state = torch.load(run / "last.pt", weights_only=True)
+    state = run_ckpt(run)
     assert state["global_step"] == 24 // 2 // 4
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 

@@ -9,11 +9,15 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from helpers import run_ckpt, train_args
 
 from mbv2train import cpu_threads
 from mbv2train.cpu_threads import Machine, ThreadChoice, choose
 from mbv2train.errors import ConfigError
+
+# these tests change and read back process-wide state (torch's thread count, the machine reading): one
+# worker, in file order
+pytestmark = pytest.mark.xdist_group("cpu_threads")
 
 NO_ENV: dict = {}
 
@@ -231,11 +235,10 @@ def test_train_threads_must_be_a_positive_whole_number(tiny_config):
 def test_a_resumed_run_computes_with_the_thread_count_it_was_started_with(cli, image_root, tmp_path, monkeypatch,
                                                                           no_thread_env):
     run = tmp_path / "run"
-    args = ["train", "--data", image_root, "--output-dir", run, "--resume", "auto",
-            *[arg for item in TINY_RUN for arg in ("--set", item)], "--set", "train.tb_images=0"]
+    args = train_args(image_root, run, "train.tb_images=0", options=["--resume", "auto"])
     first = cli(*args, "--set", "train.epochs=1", "--set", "train.threads=2")
     assert first.exit_code == 0, first.output
-    assert torch.load(run / "last.pt", weights_only=True)["intra_op_threads"] == 2
+    assert run_ckpt(run)["intra_op_threads"] == 2
 
     # the machine is busy now: a fresh run would take one thread, the resumed one keeps its two
     monkeypatch.setattr(cpu_threads, "measure_machine", machine(2, others=1.9))
@@ -243,7 +246,7 @@ def test_a_resumed_run_computes_with_the_thread_count_it_was_started_with(cli, i
     assert resumed.exit_code == 0, resumed.output
     assert ("threads: 2 of 2 CPUs, as the run being resumed used: an exact resume needs its count (train.threads "
             "sets another); 1 otherwise (1.9 busy with other processes)") in resumed.stdout
-    saved = torch.load(run / "last.pt", weights_only=True)
+    saved = run_ckpt(run)
     assert (saved["epoch"], saved["intra_op_threads"]) == (2, 2)
 
 

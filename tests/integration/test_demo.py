@@ -10,11 +10,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+from helpers import REPO
+
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 # Half the demo's schedule (the cosine still runs to zero), so that two runs side by side take about a
 # minute on 2 cores. Half a schedule is noisier than a whole one: measured on an AMD EPYC (AVX2, torch 2.14.1),
 # the shipped recipe's best epoch reached 95.3% (default kernels) and 96.1% (AVX2) with seed 0, and 90.8% to

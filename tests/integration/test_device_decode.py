@@ -20,15 +20,18 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from conftest import TINY_RUN, LineReader, truncated_jpeg
+from helpers import (SMALL_STEPS, TINY_RUN, LineReader, metric_rows, progress_line, read_events, run_ckpt,
+                     run_metrics, same_state, start, train_args, truncated_jpeg)
 from mbv2train import data
 from mbv2train.config import load_config
 from mbv2train.data.encoded import EncodedBatch, EncodedJpeg, collate_encoded, jpeg_header
 from mbv2train.data.folders import to_rgb
 from mbv2train.data.gpu_decode import BatchDecoder, _decode_jpegs, upright
 from mbv2train.errors import ConfigError, DataError
-from mbv2train.train.tracking import read_metrics
-from mbv2train.train.trainer import fit, without_timing
+from mbv2train.train.trainer import fit
+
+# the JPEG sets and the device-decoding run (module fixtures) are built once, on one worker
+pytestmark = pytest.mark.xdist_group("device_decode")
 
 MAX_DIFF, MAX_MEAN_DIFF = 2, 0.25
 
@@ -318,7 +321,7 @@ def test_a_training_run_counts_the_skipped_jpegs(broken_root, tmp_path):
 
 @pytest.mark.parametrize("setting", ["data.auto_augment=randaugment", "data.random_erasing=0.25"])
 def test_augmentations_the_device_does_not_apply_are_refused_in_one_line(cli, photo_root, tmp_path, setting):
-    result = cli(*train_args(photo_root, tmp_path / "run", setting))
+    result = cli(*device_train_args(photo_root, tmp_path / "run", setting))
     assert result.exit_code == 2
     line = result.stderr.strip()
     assert "\n" not in line and line.startswith("error: data.decode: device does not apply data.")
@@ -335,11 +338,9 @@ def jpeg_root(tmp_path_factory):
     return write_tinted_jpegs(tmp_path_factory.mktemp("tinted"))
 
 
-def train_args(root, run, *extra):
-    args = ["train", "--data", str(root), "--output-dir", str(run)]
-    for item in [*TINY_RUN, "data.decode=device", *extra]:
-        args += ["--set", item]
-    return args
+def device_train_args(root, run, *extra):
+    """train_args with data.decode=device."""
+    return train_args(root, run, "data.decode=device", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -349,22 +350,20 @@ def device_run(jpeg_root, tmp_path_factory):
     from mbv2train.cli import app
 
     run = tmp_path_factory.mktemp("device_run") / "run"
-    result = CliRunner().invoke(app, train_args(jpeg_root, run))
+    result = CliRunner().invoke(app, device_train_args(jpeg_root, run))
     return run, result
 
 
 def test_mbv2_train_with_device_decoding_trains_on_a_jpeg_folder(device_run):
     run, result = device_run
     assert result.exit_code == 0, result.output
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = run_metrics(run)
     assert [(row["epoch"], row["step"]) for row in rows] == [(1, 3), (2, 6)]  # 24 images, batches of 8
     assert all(np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"]) for row in rows)
     assert "epoch 2 | train_loss" in result.stdout
 
 
 def test_tensorboard_sample_images_go_through_the_device_decoder(device_run):
-    from test_tracking import read_events
-
     run, _ = device_run
     assert read_events(run).Tags()["images"] == ["train/augmented_images"]
 
@@ -373,7 +372,7 @@ def test_mbv2_eval_with_device_decoding_reproduces_the_run_s_validation(cli, dev
     import json
 
     run, _ = device_run
-    last = read_metrics(run / "metrics.jsonl")[-1]
+    last = run_metrics(run)[-1]
     result = cli("eval", "--ckpt", run / "last.pt", "--json")  # the saved config says data.decode: device
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -383,13 +382,11 @@ def test_mbv2_eval_with_device_decoding_reproduces_the_run_s_validation(cli, dev
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_auto_equals_an_uninterrupted_run(jpeg_root, tmp_path):
-    from test_fault_tolerance import SMALL_STEPS, progress_line, same_state, start
-
     whole = tmp_path / "whole"
     fit(load_config(None, [*TINY_RUN, "data.decode=device", *SMALL_STEPS, f"data.root={jpeg_root}",
                            f"train.output_dir={whole}"]))
     run = tmp_path / "killed"
-    args = train_args(jpeg_root, run, *SMALL_STEPS, "train.checkpoint_every_steps=1")
+    args = device_train_args(jpeg_root, run, *SMALL_STEPS, "train.checkpoint_every_steps=1")
     step = 8  # of 24: mid-epoch 1
     # The victim hangs after computing `step`, before saving it; the line of the step before says that
     # step's checkpoint is written. The kill lands anywhere in between: mid-step or in the hang.
@@ -397,16 +394,16 @@ def test_sigkill_mid_epoch_then_resume_auto_equals_an_uninterrupted_run(jpeg_roo
     LineReader(victim.stdout).wait_for(progress_line(step - 1))
     os.killpg(victim.pid, signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL
-    assert torch.load(run / "last.pt", weights_only=True)["global_step"] == step - 1
-    assert read_metrics(run / "metrics.jsonl") == []  # killed before the first epoch ended
+    assert run_ckpt(run)["global_step"] == step - 1
+    assert run_metrics(run) == []  # killed before the first epoch ended
 
     resumed = start(args + ["--resume", "auto"])
     out = LineReader(resumed.stdout)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert f"resuming at epoch 1, step {step - 1}/12" in out.text()
-    same_state(torch.load(whole / "last.pt", weights_only=True), torch.load(run / "last.pt", weights_only=True))
-    rows = [without_timing(r) for r in read_metrics(run / "metrics.jsonl")]
-    assert rows == [without_timing(r) for r in read_metrics(whole / "metrics.jsonl")] and len(rows) == 2
+    same_state(run_ckpt(whole), run_ckpt(run))
+    rows = metric_rows(run)
+    assert rows == metric_rows(whole) and len(rows) == 2
 
 
 # ------------------------------------------------------------------------------------------ CUDA

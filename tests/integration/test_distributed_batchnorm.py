@@ -1,15 +1,14 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_RUN
+from helpers import REPO, SUPPORT, child_env, load_ckpt, torchrun_command, train_args
 
-PROBE = Path(__file__).with_name("batchnorm_probe.py")
+PROBE = SUPPORT / "batchnorm_probe.py"
 
 
 def probe_run(image_root, run: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -17,25 +16,18 @@ def probe_run(image_root, run: Path, *overrides: str) -> subprocess.CompletedPro
     process's BatchNorm statistics into ``run``/probe."""
     probe = run / "probe"
     probe.mkdir(parents=True)
-    args = ["train", "--data", str(image_root), "--output-dir", str(run)]
-    for item in [*TINY_RUN, "data.batch_size=4", "train.epochs=1", *overrides]:
-        args += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(PROBE), str(probe), *args], env=env, capture_output=True, text=True, timeout=300)
+    args = train_args(image_root, run, "data.batch_size=4", "train.epochs=1", *overrides)
+    env = child_env(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(torchrun_command(PROBE, probe, *args), env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)
 
 
 @pytest.mark.slow
 def test_with_sync_bn_both_processes_hold_the_same_batchnorm_statistics_after_a_step(image_root, tmp_path):
     probe_run(image_root, tmp_path / "run", "train.sync_bn=true")
-    rank0, rank1 = (load(tmp_path / "run" / "probe" / f"step1_rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (load_ckpt(tmp_path / "run" / "probe" / f"step1_rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and len(rank0) > 10
     # the step moved them away from their initial values (mean 0), by the same amount on both processes
     assert any(value.abs().sum() > 0 for key, value in rank0.items() if key.endswith("running_mean"))
@@ -46,10 +38,10 @@ def test_with_sync_bn_both_processes_hold_the_same_batchnorm_statistics_after_a_
 def test_without_sync_bn_the_saved_batchnorm_statistics_are_the_mean_over_processes(image_root, tmp_path):
     run = tmp_path / "run"
     probe_run(image_root, run)
-    rank0, rank1 = (load(run / "probe" / f"before_average_rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = (load_ckpt(run / "probe" / f"before_average_rank{r}.pt") for r in (0, 1))
     # each process's last batch left it its own statistics
     assert not all(torch.equal(rank0[key], rank1[key]) for key in rank0)
-    saved = load(run / "last.pt")["model"]
+    saved = load_ckpt(run / "last.pt")["model"]
     for key in rank0:
         mean = ((rank0[key].double() + rank1[key].double()) / 2).float()
         assert torch.equal(saved[key], mean), key

@@ -8,40 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import TINY_RUN, LineReader, wait_until
+from helpers import (LineReader, child_env, load_ckpt, metric_rows, run_ckpt, run_metrics, torchrun_command,
+                     train_args, wait_until, worker_pids)
 from mbv2train import checkpoint as ckpt
 from mbv2train.train import run_state
 from mbv2train.faults import Faults
 from mbv2train.preemption import Preempted
-from mbv2train.train.tracking import read_metrics
-from mbv2train.train.trainer import fit, without_timing
-
-
-def train_args(image_root, run: Path, *overrides: str) -> list[str]:
-    args = ["train", "--data", str(image_root), "--output-dir", str(run)]
-    for item in [*TINY_RUN, *overrides]:
-        args += ["--set", item]
-    return args
-
-
-def worker_pids(parent: int) -> dict[int, int]:
-    """rank -> pid of the workers a torchrun process started (its children carrying RANK)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            environ = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if "RANK" in environ:
-            found[int(environ["RANK"])] = int(entry.name)
-    return found
+from mbv2train.train.trainer import fit
 
 
 def kill_leftovers(job: subprocess.Popen) -> None:
@@ -54,11 +28,10 @@ def kill_leftovers(job: subprocess.Popen) -> None:
 
 def torchrun_two_processes(*options: str) -> list[str]:
     """torchrun for 2 local processes with a short shutdown grace, then ``options`` (torchrun's, then mbv2's)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "--shutdown-timeout", "2", *options]
+    return torchrun_command("--shutdown-timeout", "2", *options)
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = child_env()
 
 
 @pytest.mark.slow
@@ -73,7 +46,7 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_the_run_resumes_by
     out, err = LineReader(job.stdout), LineReader(job.stderr)
     try:
         wait_until(lambda: (run / "last.pt").exists(), "the checkpoint of step 1")
-        assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 1
+        assert run_ckpt(run)["global_step"] == 1
         victim = wait_until(lambda: worker_pids(job.pid).get(1), "rank 1's process")
         os.kill(victim, signal.SIGKILL)
         assert job.wait(timeout=300) == 0, err.text()[-3000:]
@@ -83,9 +56,9 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_the_run_resumes_by
     assert "failed (exitcode: -9) local_rank: 1" in stderr  # the first attempt's rank 1 died by SIGKILL
     assert f"torchrun restart 1: resuming from {run / 'last.pt'}" in stdout
     assert "resuming at epoch 1, step 1/3" in stdout
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = run_metrics(run)
     assert [row["epoch"] for row in rows] == [1, 2]
-    assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 6
+    assert run_ckpt(run)["global_step"] == 6
 
 
 @pytest.mark.slow
@@ -129,7 +102,7 @@ def test_a_restart_of_a_resume_from_path_takes_the_newest_of_path_and_the_run_di
         stub_checkpoint(run / "last.pt", in_run_dir)
     state = run_state.prepare_resume(str(path), run, True, restart=1)
     chosen = path if expected == "path" else run / "last.pt"
-    assert state["global_step"] == torch.load(chosen, weights_only=True)["global_step"]
+    assert state["global_step"] == load_ckpt(chosen)["global_step"]
     assert capsys.readouterr().out.splitlines() == [f"torchrun restart 1: resuming from {chosen}"]
 
 
@@ -160,10 +133,10 @@ def test_a_restarted_resume_from_path_keeps_the_first_attempts_progress_and_drop
     out = capsys.readouterr().out
     assert f"torchrun restart 1: resuming from {run / 'last.pt'}" in out
     assert "resuming at epoch 3, step 2/3" in out
-    metrics = [without_timing(row) for row in read_metrics(run / "metrics.jsonl")]
-    assert [row["epoch"] for row in metrics] == [2, 3]
-    assert metrics == [without_timing(row) for row in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
-    assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 9
+    rows = metric_rows(run)
+    assert [row["epoch"] for row in rows] == [2, 3]
+    assert rows == metric_rows(tmp_path / "whole")
+    assert run_ckpt(run)["global_step"] == 9
 
 
 @pytest.mark.slow
@@ -189,7 +162,7 @@ def test_a_worker_killed_in_a_job_started_with_resume_path_restarts_from_the_run
     try:
         out.wait_for("resuming at epoch 2, step 0/3")
         wait_until(lambda: (run / "last.pt").exists()
-                   and torch.load(run / "last.pt", weights_only=True)["global_step"] == 7, "the checkpoint of step 7")
+                   and run_ckpt(run)["global_step"] == 7, "the checkpoint of step 7")
         victim = wait_until(lambda: worker_pids(job.pid).get(1), "rank 1's process")
         os.kill(victim, signal.SIGKILL)
         # the restarted group's first line about where it resumes
@@ -199,5 +172,5 @@ def test_a_worker_killed_in_a_job_started_with_resume_path_restarts_from_the_run
         kill_leftovers(job)
     stdout = out.text()
     assert f"torchrun restart 1: resuming from {run / 'last.pt'}" in stdout
-    assert [row["epoch"] for row in read_metrics(run / "metrics.jsonl")] == [2, 3]  # epoch 2's row kept, once
-    assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 9
+    assert [row["epoch"] for row in run_metrics(run)] == [2, 3]  # epoch 2's row kept, once
+    assert run_ckpt(run)["global_step"] == 9

@@ -5,15 +5,18 @@ import pytest
 import torch
 import torchvision
 
-from mbv2train.train.tracking import read_metrics
+from helpers import run_ckpt, run_metrics
 from mbv2train.train.trainer import fit
+
+# the trained runs (module fixtures) are built once, on one worker
+pytestmark = pytest.mark.xdist_group("eval")
 
 
 def finished_run(tmp_path_factory, image_root, name: str, *overrides: str):
     """A finished 2-epoch run with EMA on image_root (module-scoped fixtures share it between tests)."""
     from mbv2train.config import load_config
 
-    from conftest import TINY_RUN
+    from helpers import TINY_RUN
 
     run = tmp_path_factory.mktemp(name) / "run"
     fit(load_config(None, [*TINY_RUN, f"data.root={image_root}", f"train.output_dir={run}", "train.ema=true",
@@ -40,8 +43,8 @@ def eval_json(cli, *args):
 
 
 def test_eval_reproduces_the_logged_val_metrics(cli, trained):
-    rows = read_metrics(trained / "metrics.jsonl")
-    best_epoch = torch.load(trained / "best.pt", weights_only=True)["epoch"]
+    rows = run_metrics(trained)
+    best_epoch = run_ckpt(trained, "best.pt")["epoch"]
     row = next(r for r in rows if r["epoch"] == best_epoch)
     out = eval_json(cli, "--ckpt", trained / "best.pt")
     assert set(out) >= {"top1", "top5", "loss", "images"}
@@ -52,9 +55,9 @@ def test_eval_reproduces_the_logged_val_metrics(cli, trained):
 
 
 def test_eval_defaults_to_the_ema_weights_when_the_best_metric_was_ema(cli, trained_ema_best):
-    best = torch.load(trained_ema_best / "best.pt", weights_only=True)
+    best = run_ckpt(trained_ema_best, "best.pt")
     assert best["best_metric"] == "ema_val_top1"
-    row = next(r for r in read_metrics(trained_ema_best / "metrics.jsonl") if r["epoch"] == best["epoch"])
+    row = next(r for r in run_metrics(trained_ema_best) if r["epoch"] == best["epoch"])
     # Only meaningful while the EMA and the raw weights score differently; decay 0.5 over 3 steps keeps them apart.
     assert row["ema_val_loss"] != pytest.approx(row["val_loss"], rel=1e-3)
     out = eval_json(cli, "--ckpt", trained_ema_best / "best.pt")
@@ -67,7 +70,7 @@ def test_eval_defaults_to_the_ema_weights_when_the_best_metric_was_ema(cli, trai
 
 def test_eval_defaults_to_the_raw_weights_when_the_best_metric_was_raw(cli, trained):
     # trained keeps an EMA too, but picked best.pt by val_top1
-    row = read_metrics(trained / "metrics.jsonl")[-1]
+    row = run_metrics(trained)[-1]
     assert row["ema_val_loss"] != pytest.approx(row["val_loss"], rel=1e-3)
     out = eval_json(cli, "--ckpt", trained / "last.pt")
     assert out["ema"] is False
@@ -76,7 +79,7 @@ def test_eval_defaults_to_the_raw_weights_when_the_best_metric_was_raw(cli, trai
 
 
 def test_eval_ema_weights_reproduce_the_ema_metrics(cli, trained):
-    last = read_metrics(trained / "metrics.jsonl")[-1]
+    last = run_metrics(trained)[-1]
     out = eval_json(cli, "--ckpt", trained / "last.pt", "--ema")
     assert out["ema"] is True
     assert out["top1"] == pytest.approx(last["ema_val_top1"])
@@ -160,7 +163,7 @@ def test_eval_refuses_model_settings_that_differ_from_a_training_checkpoint(cli,
     ["--config", "{tmp}/plain.yaml"],  # no model section: the checkpoint's model, not the defaults
 ])
 def test_eval_accepts_model_settings_equal_to_the_checkpoint(cli, trained, image_root, eval_configs, args):
-    row = read_metrics(trained / "metrics.jsonl")[-1]
+    row = run_metrics(trained)[-1]
     out = eval_json(cli, "--ckpt", trained / "last.pt", "--data", image_root, *[a.format(tmp=eval_configs)
                                                                                 for a in args])
     assert out["top1"] == pytest.approx(row["val_top1"]) and out["loss"] == pytest.approx(row["val_loss"], rel=1e-5)

@@ -13,9 +13,13 @@ import textwrap
 import pytest
 import torch
 
+from helpers import REPO, load_ckpt
 from mbv2train import data
 from mbv2train.evaluate import loop
 from mbv2train.evaluate.evaluation import EvalRequest, load_model
+
+# one worker builds the session's trained_digits model for this file and test_quantize
+pytestmark = pytest.mark.xdist_group("trained_digits")
 
 FORMATS = ["onnx", "torchscript", "pt2", "torchvision", "executorch"]
 SIDECAR = ("torchvision", "executorch")  # formats whose metadata goes into a JSON file beside them
@@ -111,7 +115,7 @@ def test_the_torchvision_state_dict_loads_strictly_into_torchvisions_own_model_w
     assert KEYS <= set(info)
     assert info["torchvision"]["num_classes"] == 10 and info["torchvision"]["width_mult"] == 0.5
     model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5)
-    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    model.load_state_dict(load_ckpt(out), strict=True)
     model.eval()
     loaded = load_model(EvalRequest(ckpt=ckpt, device="cpu"))
     loader, _ = data.build_val_loader(loaded.cfg.data, root / "val")
@@ -309,13 +313,12 @@ def test_a_missing_extra_says_how_to_install_it(cli, trained_digits, monkeypatch
 
 
 def test_the_readme_lines_run_the_onnx_model_without_mbv2_and_name_evals_class(trained_digits, onnx_export, tmp_path):
-    from pathlib import Path
 
     from PIL import Image
 
     root, ckpt = trained_digits
     out, _ = onnx_export
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (REPO / "README.md").read_text()
     start = readme.index("    import json, numpy as np, onnxruntime; from PIL import Image\n")
     lines = []
     for line in readme[start:].splitlines():

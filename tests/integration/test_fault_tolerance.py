@@ -11,35 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, LineReader
+from helpers import (SMALL_STEPS, LineReader, load_ckpt, metric_rows, progress_line, run_metrics, same_state, start,
+                     train_args)
 from mbv2train.errors import CheckpointError, NonFiniteLoss
 from mbv2train.faults import CRASH_EXIT_CODE, Faults
 from mbv2train.preemption import Preempted
-from mbv2train.train.tracking import read_metrics
-from mbv2train.train.trainer import fit, without_timing
-
-# 2 images per step, 12 steps per epoch: room to stop mid-epoch.
-SMALL_STEPS = ["data.batch_size=2", "train.ema=true", "train.epochs=2"]
-
-
-def same_state(a: dict, b: dict) -> None:
-    """Model, EMA and optimizer state of two checkpoints are bit-identical."""
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
-    for index, values in a["optimizer"]["state"].items():
-        for name, value in values.items():
-            assert torch.equal(value, b["optimizer"]["state"][index][name]), f"optimizer {index}.{name}"
-    assert a["global_step"] == b["global_step"]
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
-
-
-def rows(run: Path) -> list[dict]:
-    return [without_timing(r) for r in read_metrics(run / "metrics.jsonl")]
+from mbv2train.train.trainer import fit
 
 
 @pytest.fixture
@@ -56,11 +33,11 @@ def test_a_stop_mid_epoch_resumes_to_the_same_weights_and_rows(tiny_config, tmp_
     with pytest.raises(Preempted) as stopped:
         fit(tiny_config(*SMALL_STEPS, run_dir=run), faults=Faults(sigterm_at_step=5))
     assert stopped.value.exit_code == 143 and stopped.value.step == 5
-    state = load(run / "last.pt")
+    state = load_ckpt(run / "last.pt")
     assert state["epoch"] == 0 and state["epoch_progress"]["steps"] == 5 and state["global_step"] == 5
     fit(tiny_config(*SMALL_STEPS, run_dir=run), resume="auto")
-    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
-    assert rows(run) == rows(uninterrupted)
+    same_state(load_ckpt(uninterrupted / "last.pt"), load_ckpt(run / "last.pt"))
+    assert metric_rows(run) == metric_rows(uninterrupted)
 
 
 def test_step_checkpoints_are_written_inside_the_epoch(tiny_config, tmp_path):
@@ -69,26 +46,20 @@ def test_step_checkpoints_are_written_inside_the_epoch(tiny_config, tmp_path):
         fit(tiny_config(*SMALL_STEPS, "train.checkpoint_every_steps=3", run_dir=run),
             faults=Faults(sigterm_at_step=4, crash_in_checkpoint=None))
     # step 3 wrote last.pt; the stop after step 4 moved it to previous.pt and wrote a new last.pt
-    assert load(run / "previous.pt")["global_step"] == 3
-    assert load(run / "last.pt")["global_step"] == 4
+    assert load_ckpt(run / "previous.pt")["global_step"] == 3
+    assert load_ckpt(run / "last.pt")["global_step"] == 4
 
 
 def test_a_stop_during_validation_redoes_only_the_validation(tiny_config, tmp_path, uninterrupted):
     run = tmp_path / "stopped"
     with pytest.raises(Preempted):
         fit(tiny_config(*SMALL_STEPS, run_dir=run), faults=Faults(sigterm_at_step=12))  # the epoch's last step
-    state = load(run / "last.pt")
+    state = load_ckpt(run / "last.pt")
     assert state["epoch"] == 0 and state["epoch_progress"]["steps"] == 12
-    assert read_metrics(run / "metrics.jsonl") == []
+    assert run_metrics(run) == []
     fit(tiny_config(*SMALL_STEPS, run_dir=run), resume="auto")
-    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
-    assert rows(run) == rows(uninterrupted)
-
-
-def progress_line(global_step: int, steps_per_epoch: int = 12, epochs: int = 2) -> str:
-    """How the plain progress output (stdout not a terminal) starts the line of an optimizer step."""
-    epoch, step = divmod(global_step - 1, steps_per_epoch)
-    return f"epoch {epoch + 1}/{epochs} {step + 1}/{steps_per_epoch} "
+    same_state(load_ckpt(uninterrupted / "last.pt"), load_ckpt(run / "last.pt"))
+    assert metric_rows(run) == metric_rows(uninterrupted)
 
 
 @pytest.mark.slow
@@ -105,7 +76,7 @@ def test_sigkill_mid_step_then_resume_loses_only_that_step(image_root, tmp_path,
     out.wait_for(progress_line(step - 1))
     os.killpg(victim.pid, signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL, f"step {step}"
-    state = load(run / "last.pt")
+    state = load_ckpt(run / "last.pt")
     assert state["global_step"] == step - 1, f"step {step}"
     epoch, done = divmod(step - 1, 12)
 
@@ -113,24 +84,11 @@ def test_sigkill_mid_step_then_resume_loses_only_that_step(image_root, tmp_path,
     resumed_out = LineReader(resumed.stdout)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert f"resuming at epoch {epoch + 1}, step {done}/12" in resumed_out.text(), f"step {step}"
-    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
-    assert rows(run) == rows(uninterrupted), f"killed at step {step}"
+    same_state(load_ckpt(uninterrupted / "last.pt"), load_ckpt(run / "last.pt"))
+    assert metric_rows(run) == metric_rows(uninterrupted), f"killed at step {step}"
 
 
 # ------------------------------------------------------------------------------------------ signals
-
-
-def train_args(image_root, run, *extra):
-    args = ["train", "--data", str(image_root), "--output-dir", str(run)]
-    for item in [*TINY_RUN, *extra]:
-        args += ["--set", item]
-    return args
-
-
-def start(args):
-    return subprocess.Popen([sys.executable, "-m", "mbv2train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def wait_for(condition, process, timeout=120):
@@ -167,12 +125,12 @@ def test_sigterm_to_the_process_group_checkpoints_at_a_step_and_exits_143(image_
     assert "SIGTERM received: stopping after this step with a checkpoint" in err.text()
     assert "stopped by SIGTERM at step" in out.text() and "--resume auto" in out.text()
     assert processes_in_session(process.pid) == []  # no orphaned workers
-    state = load(run / "last.pt")
+    state = load_ckpt(run / "last.pt")
     assert state["epoch_progress"] is not None and 0 < state["global_step"] < 24
     resumed = start(args + ["--resume", "auto"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
-    assert rows(run) == rows(uninterrupted)
+    same_state(load_ckpt(uninterrupted / "last.pt"), load_ckpt(run / "last.pt"))
+    assert metric_rows(run) == metric_rows(uninterrupted)
 
 
 @pytest.mark.slow
@@ -221,7 +179,7 @@ def test_a_crash_at_any_point_of_a_save_keeps_a_last_checkpoint_and_loses_nothin
     crashed = start(args + ["--fault", "crash_in_checkpoint=3", "--fault", f"crash_point={point}"])
     assert crashed.wait(timeout=300) == CRASH_EXIT_CODE
     # last.pt always exists, so a plain `mbv2 train` into this folder is still refused
-    assert (load(run / "last.pt")["global_step"], load(run / "previous.pt")["global_step"]) == on_disk
+    assert (load_ckpt(run / "last.pt")["global_step"], load_ckpt(run / "previous.pt")["global_step"]) == on_disk
     leftovers = [p for p in run.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == (0 if point == "after_rename" else 1)
 
@@ -232,8 +190,8 @@ def test_a_crash_at_any_point_of_a_save_keeps_a_last_checkpoint_and_loses_nothin
     if says:
         assert f"{says} {leftovers[0]}" in out.text()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
-    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
-    assert rows(run) == rows(uninterrupted)
+    same_state(load_ckpt(uninterrupted / "last.pt"), load_ckpt(run / "last.pt"))
+    assert metric_rows(run) == metric_rows(uninterrupted)
 
 
 @pytest.mark.slow
@@ -244,7 +202,7 @@ def test_a_kill_between_last_and_its_copies_is_repaired_on_resume(image_root, tm
     args = train_args(image_root, run, "train.epochs=1", "train.save_every_epochs=1")
     crashed = start(args + ["--fault", "crash_in_checkpoint=1", "--fault", f"crash_point={point}"])
     assert crashed.wait(timeout=300) == CRASH_EXIT_CODE
-    last = load(run / "last.pt")
+    last = load_ckpt(run / "last.pt")
     assert (last["epoch"], last["best_epoch"]) == (1, 1)  # it says epoch 1 is the best ...
     assert [name for name in missing if (run / name).exists()] == []  # ... but the copies are not there
 
@@ -254,7 +212,7 @@ def test_a_kill_between_last_and_its_copies_is_repaired_on_resume(image_root, tm
     for name in missing:
         assert f"{run / name} was behind the checkpoint resumed from" in out.text()
     for name in ("best.pt", "epoch_1.pt"):
-        copy = load(run / name)
+        copy = load_ckpt(run / name)
         assert copy["epoch"] == 1 and copy["best_value"] == last["best_value"]
         assert all(torch.equal(copy["model"][k], last["model"][k]) for k in last["model"])
 
@@ -265,16 +223,16 @@ def test_a_stale_best_copy_is_rewritten_from_the_resumed_checkpoint(tiny_config,
 
     fit(tiny_config("train.epochs=2"))
     run = tmp_path / "run"
-    last, first = load(run / "last.pt"), load(run / "previous.pt")
+    last, first = load_ckpt(run / "last.pt"), load_ckpt(run / "previous.pt")
     # As if epoch 2 was the best but the kill came before its copy: best.pt still holds epoch 1
     save_checkpoint({**last, "best_epoch": 2}, run / "last.pt")
     save_checkpoint(first, run / "best.pt")
-    lines = restore_derived_copies(load(run / "last.pt"), run, save_every_epochs=0, keep_checkpoints=3)
+    lines = restore_derived_copies(load_ckpt(run / "last.pt"), run, save_every_epochs=0, keep_checkpoints=3)
     assert lines == [f"{run / 'best.pt'} was behind the checkpoint resumed from (a save was interrupted); "
                      f"rewrote it for epoch 2"]
-    assert load(run / "best.pt")["epoch"] == 2
+    assert load_ckpt(run / "best.pt")["epoch"] == 2
     # when best.pt is current, or the checkpoint was written mid-epoch, nothing is touched
-    assert restore_derived_copies(load(run / "last.pt"), run, save_every_epochs=0, keep_checkpoints=3) == []
+    assert restore_derived_copies(load_ckpt(run / "last.pt"), run, save_every_epochs=0, keep_checkpoints=3) == []
     assert restore_derived_copies({**last, "epoch_progress": {"steps": 1}}, run, 0, 3) == []
 
 
@@ -293,7 +251,7 @@ def test_interrupted_writes_promote_only_a_complete_newer_checkpoint(tmp_path):
     lines = recover_interrupted_writes(tmp_path)
     assert sorted(line.split()[0] for line in lines) == ["recovered", "removed", "removed"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
-    assert (load(tmp_path / "last.pt")["global_step"], load(tmp_path / "previous.pt")["global_step"]) == (6, 4)
+    assert (load_ckpt(tmp_path / "last.pt")["global_step"], load_ckpt(tmp_path / "previous.pt")["global_step"]) == (6, 4)
 
 
 def test_a_damaged_last_checkpoint_does_not_push_out_a_good_previous_one(tmp_path):
@@ -304,7 +262,7 @@ def test_a_damaged_last_checkpoint_does_not_push_out_a_good_previous_one(tmp_pat
     (tmp_path / "last.pt").write_bytes(b"truncated")
     torch.save({**good, "global_step": 4}, tmp_path / ".last.pt.abc123.tmp")
     recover_interrupted_writes(tmp_path)
-    assert (load(tmp_path / "last.pt")["global_step"], load(tmp_path / "previous.pt")["global_step"]) == (4, 2)
+    assert (load_ckpt(tmp_path / "last.pt")["global_step"], load_ckpt(tmp_path / "previous.pt")["global_step"]) == (4, 2)
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(tiny_config, tmp_path, uninterrupted, capsys):
@@ -317,7 +275,7 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tiny_config, tmp_path, un
     out = capsys.readouterr().out
     assert f"skipping a checkpoint: checkpoint is corrupt or truncated: {run / 'last.pt'}" in out
     assert f"resuming from {run / 'previous.pt'}" in out
-    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
+    same_state(load_ckpt(uninterrupted / "last.pt"), load_ckpt(run / "last.pt"))
 
 
 def test_a_full_disk_names_the_folder_and_leaves_the_previous_checkpoint(tmp_path):
@@ -339,14 +297,14 @@ except CheckpointError as exc:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"cannot write last.pt in {tmp_path}" in result.stdout and "previous checkpoint is intact" in result.stdout
-    assert torch.equal(load(tmp_path / "last.pt")["w"], torch.zeros(10))
+    assert torch.equal(load_ckpt(tmp_path / "last.pt")["w"], torch.zeros(10))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_previous_checkpoint_is_kept_beside_the_newest(tiny_config, tmp_path):
     fit(tiny_config("train.epochs=2"))
-    assert load(tmp_path / "run" / "previous.pt")["epoch"] == 1
-    assert load(tmp_path / "run" / "last.pt")["epoch"] == 2
+    assert load_ckpt(tmp_path / "run" / "previous.pt")["epoch"] == 1
+    assert load_ckpt(tmp_path / "run" / "last.pt")["epoch"] == 2
 
 
 # ------------------------------------------------------------------------------------------ config vs checkpoint
@@ -357,7 +315,7 @@ def test_allow_change_accepts_a_change_and_records_it(tiny_config, tmp_path):
     with pytest.raises(CheckpointError, match=r"train.epochs: 1 -> 2 .*--allow-change"):
         fit(tiny_config("train.epochs=2"), resume="auto")
     fit(tiny_config("train.epochs=2"), resume="auto", allow_changes=["train.epochs"])
-    events = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "event" in r]
+    events = [r for r in run_metrics(tmp_path / "run") if "event" in r]
     assert events == [{"event": "allowed_change", "epoch": 1, "step": 3, "changes": ["train.epochs: 1 -> 2"]}]
 
 
@@ -376,7 +334,7 @@ def test_a_nan_loss_stops_before_the_optimizer_step(tiny_config, tmp_path):
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 3"):
         fit(tiny_config(*SMALL_STEPS, "train.checkpoint_every_steps=1", run_dir=run),
             faults=Faults(nan_loss_at_step=3))
-    state = load(run / "last.pt")
+    state = load_ckpt(run / "last.pt")
     assert state["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
@@ -388,7 +346,7 @@ def test_a_skipped_nan_step_changes_nothing_but_the_lr_keeps_its_curve(tiny_conf
             faults=Faults(nan_loss_at_step=3, sigterm_at_step=3))
     with pytest.raises(Preempted):  # the same run without the NaN, for the LR curve
         fit(tiny_config(*SMALL_STEPS, "train.nonfinite=skip", run_dir=clean), faults=Faults(sigterm_at_step=3))
-    before, after = load(run / "previous.pt"), load(run / "last.pt")
+    before, after = load_ckpt(run / "previous.pt"), load_ckpt(run / "last.pt")
     assert (before["global_step"], after["global_step"]) == (2, 3)
     for part in ("model", "ema"):  # BatchNorm statistics are buffers in "model": unchanged too
         assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
@@ -397,7 +355,7 @@ def test_a_skipped_nan_step_changes_nothing_but_the_lr_keeps_its_curve(tiny_conf
                             for i, m in zip(before["optimizer"]["state"], momentum))
     assert after["epoch_progress"]["nonfinite_skips"] == 1
     # the skipped step still used up its place on the LR curve: the schedule is where the clean run's is
-    reference = load(clean / "last.pt")
+    reference = load_ckpt(clean / "last.pt")
     assert after["scheduler"]["last_epoch"] == reference["scheduler"]["last_epoch"] == 3
     assert [g["lr"] for g in after["optimizer"]["param_groups"]] == \
         [g["lr"] for g in reference["optimizer"]["param_groups"]]
@@ -412,7 +370,7 @@ def test_a_skipped_step_leaves_its_finite_micro_batches_out_of_the_epoch_sums(ti
         fit(tiny_config(*SMALL_STEPS, "train.accum_steps=2", "train.nonfinite=skip",
                         "train.checkpoint_every_steps=1", run_dir=run),
             faults=Faults(nan_loss_at_step=3, nan_loss_micro_batch=2, sigterm_at_step=3))
-    before, after = load(run / "previous.pt")["epoch_progress"], load(run / "last.pt")["epoch_progress"]
+    before, after = load_ckpt(run / "previous.pt")["epoch_progress"], load_ckpt(run / "last.pt")["epoch_progress"]
     assert (before["steps"], after["steps"]) == (2, 3)
     assert before["seen"] == after["seen"] == 2 * 2 * 2  # steps x micro-batches x batch size
     assert torch.equal(before["loss_sum"], after["loss_sum"])
@@ -422,7 +380,7 @@ def test_a_skipped_step_leaves_its_finite_micro_batches_out_of_the_epoch_sums(ti
 
 def test_skipped_steps_are_counted_and_too_many_in_a_row_abort(tiny_config, tmp_path):
     fit(tiny_config(*SMALL_STEPS, "train.nonfinite=skip", run_dir=tmp_path / "a"), faults=Faults(nan_loss_at_step=3))
-    first = read_metrics(tmp_path / "a" / "metrics.jsonl")[0]
+    first = run_metrics(tmp_path / "a")[0]
     assert first["nonfinite_skips"] == 1
     with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row"):
         fit(tiny_config(*SMALL_STEPS, "train.nonfinite=skip", "train.max_nonfinite_skips=3",
@@ -456,5 +414,5 @@ def test_minute_checkpoints_are_written_inside_the_epoch(tiny_config, tmp_path):
     with pytest.raises(Preempted):
         fit(tiny_config(*SMALL_STEPS, "train.checkpoint_every_minutes=0.001", run_dir=run),
             faults=Faults(sleep_per_step=0.1, sigterm_at_step=4))
-    assert load(run / "previous.pt")["global_step"] == 3
-    assert load(run / "previous.pt")["epoch_progress"]["steps"] == 3
+    assert load_ckpt(run / "previous.pt")["global_step"] == 3
+    assert load_ckpt(run / "previous.pt")["epoch_progress"]["steps"] == 3

@@ -11,18 +11,16 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY_RUN, LineReader
+from helpers import (REPO, SMALL_STEPS, TINY_RUN, LineReader, load_ckpt, metric_rows, progress_line, run_metrics,
+                     same_state, start, torchrun, train_args)
 from mbv2train.config import load_config
 from mbv2train.faults import Faults
 from mbv2train.model import MobileNetV2
 from mbv2train.preemption import Preempted
-from mbv2train.train.tracking import read_metrics
-from mbv2train.train.trainer import fit, without_timing
-from test_cli_train import torchrun
-from test_fault_tolerance import progress_line, same_state, start, train_args
+from mbv2train.train.trainer import fit
 
-# 2 images per step, 12 steps per epoch: room to stop on either side of the switch after epoch 1.
-SMALL_STEPS = ["data.batch_size=2", "train.ema=true", "train.epochs=2"]
+# the pretrained source and the digits runs (module fixtures) are built once, on one worker
+pytestmark = pytest.mark.xdist_group("finetune")
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +46,6 @@ def equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
-
-
-def rows(run: Path) -> list[dict]:
-    return [without_timing(r) for r in read_metrics(run / "metrics.jsonl")]
-
-
 def test_a_frozen_backbone_keeps_its_batchnorm_statistics_in_training_mode():
     model = MobileNetV2(num_classes=3, width_mult=0.25)
     model.freeze_backbone()
@@ -74,8 +64,8 @@ def test_frozen_epochs_train_only_the_classifier_then_everything_trains(tiny_con
     fit(tiny_config(*finetune, "train.save_every_epochs=1", run_dir=run))
     out = capsys.readouterr().out
     assert "epoch 1: only the classifier trains" in out and "epoch 2: every layer trains" in out
-    initial = load(source)
-    after_1, after_2 = load(run / "epoch_1.pt"), load(run / "last.pt")
+    initial = load_ckpt(source)
+    after_1, after_2 = load_ckpt(run / "epoch_1.pt"), load_ckpt(run / "last.pt")
     # epoch 1: weights, BatchNorm statistics and batch counters of the backbone are the file's
     assert equal(backbone(after_1["model"]), backbone(initial))
     assert not torch.equal(after_1["model"]["classifier.1.weight"], after_2["model"]["classifier.1.weight"])
@@ -96,7 +86,7 @@ def test_frozen_epochs_train_only_the_classifier_then_everything_trains(tiny_con
 def test_without_freezing_the_backbone_trains_from_the_first_epoch(tiny_config, tmp_path, source):
     # the control for the test above: the same run minus train.freeze_backbone_epochs moves the backbone
     fit(tiny_config(f"model.pretrained={source}", "train.epochs=1"))
-    assert not equal(backbone(load(tmp_path / "run" / "last.pt")["model"]), backbone(load(source)))
+    assert not equal(backbone(load_ckpt(tmp_path / "run" / "last.pt")["model"]), backbone(load_ckpt(source)))
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +107,10 @@ def test_a_stop_on_either_side_of_the_switch_resumes_to_the_same_weights_and_row
     # The fault's SIGTERM follows step `step`, so the stop is that step's. Any other signal or step is a stop
     # signal from outside the test: the message names it, which the checkpoint's step alone would not.
     assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, step), str(stopped.value)
-    assert load(run / "last.pt")["global_step"] == step
+    assert load_ckpt(run / "last.pt")["global_step"] == step
     fit(tiny_config(*SMALL_STEPS, *finetune, run_dir=run), resume="auto")
-    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
-    assert rows(run) == rows(uninterrupted)
+    same_state(load_ckpt(uninterrupted / "last.pt"), load_ckpt(run / "last.pt"))
+    assert metric_rows(run) == metric_rows(uninterrupted)
 
 
 @pytest.mark.slow
@@ -136,13 +126,13 @@ def test_sigkill_on_either_side_of_the_switch_then_resume_ends_like_the_uninterr
     LineReader(victim.stdout).wait_for(progress_line(step - 1))
     os.killpg(victim.pid, signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL, f"step {step}"
-    assert load(run / "last.pt")["global_step"] == step - 1, f"step {step}"
+    assert load_ckpt(run / "last.pt")["global_step"] == step - 1, f"step {step}"
     resumed = start(args + ["--resume", "auto"])
     out = LineReader(resumed.stdout)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert "pretrained:" not in out.text(), "a resume must not load the pretrained weights again"
-    same_state(load(uninterrupted / "last.pt"), load(run / "last.pt"))
-    assert rows(run) == rows(uninterrupted), f"killed at step {step}"
+    same_state(load_ckpt(uninterrupted / "last.pt"), load_ckpt(run / "last.pt"))
+    assert metric_rows(run) == metric_rows(uninterrupted), f"killed at step {step}"
 
 
 @pytest.mark.slow
@@ -152,14 +142,14 @@ def test_under_torchrun_the_backbone_trains_after_the_frozen_epochs(image_root, 
     run = tmp_path / "ddp"
     result = torchrun(train_args(image_root, run, "data.batch_size=4", "train.save_every_epochs=1", *finetune))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
-    assert equal(backbone(load(run / "epoch_1.pt")["model"]), backbone(load(source)))
-    assert not equal(backbone(load(run / "last.pt")["model"]), backbone(load(source)))
+    assert [r["epoch"] for r in run_metrics(run)] == [1, 2]
+    assert equal(backbone(load_ckpt(run / "epoch_1.pt")["model"]), backbone(load_ckpt(source)))
+    assert not equal(backbone(load_ckpt(run / "last.pt")["model"]), backbone(load_ckpt(source)))
 
 
 # ------------------------------------------------------------------------------------------ transfer
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 NEW_CLASSES = ["0", "1", "2", "3", "4"]
 # The demo recipe for one epoch at its full learning rate: a one-epoch warmup and cosine would spend most
 # of the epoch at a small rate, and this is the cheapest source that transfers (about 20 s on 2 cores).

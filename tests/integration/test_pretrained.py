@@ -14,14 +14,13 @@ import torch
 import torchvision
 import yaml
 
-from conftest import TINY_RUN, make_image_folder
+from helpers import TINY_RUN, load_ckpt, make_image_folder, metric_rows, run_ckpt, run_metrics
 from mbv2train.config import load_config
 from mbv2train.distributed import DistInfo
 from mbv2train.faults import NO_FAULTS, Faults
 from mbv2train.preemption import Preempted, StopFlag
 from mbv2train.model.pretrained import torchvision_file
-from mbv2train.train.trainer import Run, fit, without_timing
-from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import Run, fit
 
 HEAD_KEYS = ("classifier.1.weight", "classifier.1.bias")
 
@@ -70,7 +69,7 @@ def assert_same(a: dict, b: dict) -> None:
 def test_a_run_starts_from_exactly_the_weights_of_a_torchvision_state_dict(tmp_path, capsys):
     file = torchvision_weights(tmp_path / "tv.pth", width_mult=1.0)
     reference = torchvision.models.mobilenet_v2()
-    reference.load_state_dict(torch.load(file, weights_only=True))
+    reference.load_state_dict(load_ckpt(file))
     # ImageNet's 1000 classes, one tiny image each: the file's classifier fits and is kept
     root = make_image_folder(tmp_path / "data", classes=[f"n{i:04d}" for i in range(1000)], train_per_class=1,
                              val_per_class=1, size=8)
@@ -89,7 +88,7 @@ def test_a_run_starts_from_exactly_the_weights_of_a_torchvision_state_dict(tmp_p
 
 def test_another_number_of_classes_reinitializes_only_the_classifier(tiny_config, tmp_path, capsys):
     file = torchvision_weights(tmp_path / "tv.pth")
-    saved = torch.load(file, weights_only=True)
+    saved = load_ckpt(file)
     run = build_run(tiny_config(f"model.pretrained={file}"))
     out = capsys.readouterr().out
     assert "loaded 312 tensors; re-initialized classifier.1.weight, classifier.1.bias " \
@@ -107,12 +106,12 @@ def test_an_unset_width_is_taken_from_the_file(tiny_config, tmp_path):
     file = torchvision_weights(tmp_path / "tv.pth", width_mult=0.5)
     run = build_run(tiny_config(f"model.pretrained={file}", "model.width_mult="))
     assert run.cfg.model.width_mult == 0.5
-    assert_same(backbone(run.model.state_dict()), backbone(torch.load(file, weights_only=True)))
+    assert_same(backbone(run.model.state_dict()), backbone(load_ckpt(file)))
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
 def test_a_state_dict_saved_through_ddp_or_torch_compile_loads(tiny_config, tmp_path, prefix):
-    plain = torch.load(torchvision_weights(tmp_path / "tv.pth"), weights_only=True)
+    plain = load_ckpt(torchvision_weights(tmp_path / "tv.pth"))
     torch.save({prefix + k: v for k, v in plain.items()}, tmp_path / "wrapped.pth")
     run = build_run(tiny_config(f"model.pretrained={tmp_path / 'wrapped.pth'}"))
     assert_same(backbone(run.model.state_dict()), backbone(plain))
@@ -126,7 +125,7 @@ def test_a_torchvision_tag_loads_the_cached_file_without_the_network(tiny_config
     assert f"pretrained: torchvision-v2 ({cached}, sha256 {sha256(cached)[:12]}" in capsys.readouterr().out
     assert run.cfg.model.width_mult == 1.0
     assert run.cfg.model.pretrained_sha256 == sha256(cached)
-    assert_same(backbone(run.model.state_dict()), backbone(torch.load(cached, weights_only=True)))
+    assert_same(backbone(run.model.state_dict()), backbone(load_ckpt(cached)))
 
 
 def test_a_torchvision_tag_without_its_file_offline_names_the_file_and_where_it_goes(cli, image_root, tmp_path):
@@ -143,7 +142,7 @@ def test_a_torchvision_tag_without_its_file_offline_names_the_file_and_where_it_
 def test_a_checkpoint_source_gives_its_weights_or_its_ema_weights(tiny_config, tmp_path):
     source = tmp_path / "source"
     fit(tiny_config("train.epochs=1", "train.ema=true", "train.ema_decay=0.5", run_dir=source))
-    saved = torch.load(source / "last.pt", weights_only=True)
+    saved = run_ckpt(source)
     ema = {k.removeprefix("module."): v for k, v in saved["ema"].items() if k != "n_averaged"}
     raw = build_run(tiny_config(f"model.pretrained={source / 'last.pt'}", "model.width_mult=",
                                 run_dir=tmp_path / "a"))
@@ -160,7 +159,7 @@ def test_a_state_dict_of_as_many_classes_gives_its_classifier_whole(tiny_config,
     file = torchvision_weights(tmp_path / "tv.pth", num_classes=3)
     run = build_run(tiny_config(f"model.pretrained={file}"))
     assert "loaded 314 tensors, nothing re-initialized" in capsys.readouterr().out
-    assert_same(run.model.state_dict(), torch.load(file, weights_only=True))
+    assert_same(run.model.state_dict(), load_ckpt(file))
     fresh = build_run(tiny_config(run_dir=tmp_path / "fresh")).model.state_dict()
     assert not torch.equal(run.model.state_dict()[HEAD_KEYS[0]], fresh[HEAD_KEYS[0]])
 
@@ -190,7 +189,7 @@ def test_a_checkpoints_classifier_rows_go_to_the_classes_of_the_same_name(shapes
                                        f"train.output_dir={tmp_path / 'run'}"]))
     out = capsys.readouterr().out
     fresh = build_run(load_config(None, [*data, f"train.output_dir={tmp_path / 'fresh'}"])).model.state_dict()
-    saved = torch.load(shapes_checkpoint, weights_only=True)["model"]
+    saved = load_ckpt(shapes_checkpoint)["model"]
     weights = run.model.state_dict()
     assert_same(backbone(weights), backbone(saved))
     for key in HEAD_KEYS:
@@ -222,7 +221,7 @@ def test_the_run_records_the_source_and_its_hash_in_config_and_checkpoints(cli, 
     config = yaml.safe_load((run / "config.yaml").read_text())["model"]
     assert {k: config[k] for k in recorded} == recorded
     for name in ("last.pt", "best.pt"):
-        model = torch.load(run / name, weights_only=True)["config"]["model"]
+        model = load_ckpt(run / name)["config"]["model"]
         assert {k: model[k] for k in recorded} == recorded
     # the recorded config runs again, and its hash pins the file
     again = cli("train", "--config", run / "config.yaml", "--output-dir", tmp_path / "again")
@@ -245,11 +244,11 @@ def test_a_resume_continues_the_checkpoint_without_reading_the_pretrained_file(t
         fit(tiny_config(*args, run_dir=run), faults=Faults(sigterm_at_step=5))
     file.unlink()  # a resume that read it again would fail; one that loaded it would end elsewhere
     fit(tiny_config(*args, run_dir=run), resume="auto")
-    whole, resumed = (torch.load(d / "last.pt", weights_only=True) for d in (tmp_path / "whole", run))
+    whole, resumed = (run_ckpt(d) for d in (tmp_path / "whole", run))
     assert_same(resumed["model"], whole["model"])
     assert resumed["config"]["model"] == whole["config"]["model"]  # width and hash as the run recorded them
-    assert [without_timing(r) for r in read_metrics(run / "metrics.jsonl")] == \
-           [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    assert metric_rows(run) == \
+           metric_rows(tmp_path / "whole")
 
 
 def test_a_finished_run_from_a_pretrained_file_is_left_as_it_is(tiny_config, tmp_path, capsys):
@@ -268,13 +267,13 @@ def test_a_checkpoint_saved_before_the_fine_tuning_keys_existed_still_resumes(ti
     run = tmp_path / "run"
     with pytest.raises(Preempted):
         fit(tiny_config("data.batch_size=2", run_dir=run), faults=Faults(sigterm_at_step=3))
-    state = torch.load(run / "last.pt", weights_only=True)
+    state = run_ckpt(run)
     for section, key in (("model", "pretrained"), ("model", "pretrained_ema"), ("model", "pretrained_sha256"),
                          ("optim", "backbone_lr_scale"), ("train", "freeze_backbone_epochs")):
         del state["config"][section][key]
     torch.save(state, run / "last.pt")
     fit(tiny_config("data.batch_size=2", run_dir=run), resume="auto")
-    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    assert [r["epoch"] for r in run_metrics(run)] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -4,10 +4,9 @@ is a harmless change on resume): torch's load_state_dict would copy the saving r
 import pytest
 import torch
 
-from conftest import TINY_RUN
+from helpers import TINY_RUN, load_ckpt, metric_rows, run_ckpt
 from mbv2train.train import optim
-from mbv2train.train.trainer import fit, without_timing
-from mbv2train.train.tracking import read_metrics
+from mbv2train.train.trainer import fit
 
 # What build_optimizer asks for where the optimizers keep all their state on the device (a GPU)
 ON_DEVICE_OPTIONS = {"sgd": {"fused": True}, "adamw": {"fused": True}, "rmsprop": {"capturable": True}}
@@ -20,7 +19,7 @@ def device_options(state):
 
 def as_written_on_a_gpu(path, name):
     """The checkpoint at ``path`` as a GPU run of the same experiment writes it (loaded onto the CPU)."""
-    state = torch.load(path, weights_only=True)
+    state = load_ckpt(path)
     for group in state["optimizer"]["param_groups"]:
         group.update(ON_DEVICE_OPTIONS[name])
     state["config"]["train"]["device"] = "cuda"
@@ -41,11 +40,11 @@ def test_a_gpu_checkpoint_resumed_on_the_cpu_ends_like_the_uninterrupted_cpu_run
     result = cli(*args)
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     assert "resuming with a changed setting: train.device: 'cuda' -> 'auto'" in result.output
-    whole, resumed = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("whole", "resumed"))
+    whole, resumed = (run_ckpt(tmp_path / run) for run in ("whole", "resumed"))
     assert device_options(resumed) == device_options(whole)
     assert all(torch.equal(whole["model"][key], resumed["model"][key]) for key in whole["model"])
-    rows = [without_timing(row) for row in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
-    assert [without_timing(row) for row in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == rows[1:]
+    rows = metric_rows(tmp_path / "whole")
+    assert metric_rows(tmp_path / "resumed") == rows[1:]
 
 
 def test_a_cpu_checkpoint_resumed_where_the_state_stays_on_the_device_takes_that_devices_options(
@@ -55,7 +54,7 @@ def test_a_cpu_checkpoint_resumed_where_the_state_stays_on_the_device_takes_that
     fit(tiny_config(*settings, run_dir=tmp_path / "cpu"))
     monkeypatch.setattr(optim, "STATE_ON_DEVICE", ("cpu",))
     fit(tiny_config(*settings, run_dir=tmp_path / "resumed"), resume=str(tmp_path / "cpu" / "epoch_1.pt"))
-    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    resumed = run_ckpt(tmp_path / "resumed")
     assert {group["fused"] for group in resumed["optimizer"]["param_groups"]} == {True}
     assert [int(state["step"]) for state in resumed["optimizer"]["state"].values()] == (
         [resumed["global_step"]] * len(resumed["optimizer"]["state"]))

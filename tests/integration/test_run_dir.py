@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY_RUN
+from helpers import TINY_RUN
 from mbv2train.errors import CheckpointError
 from mbv2train.faults import Faults
 from mbv2train.preemption import Preempted

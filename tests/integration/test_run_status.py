@@ -3,22 +3,20 @@ failed process as exit code 1, so the exit code cannot tell a clean stop from a 
 
 import json
 
-from conftest import TINY_RUN
+from helpers import train_args
 from mbv2train.errors import ConfigError
 from mbv2train.preemption import Preempted
 from mbv2train.train.run_status import record_of, write_status
 
 
-def train_args(image_root, run_dir, status, *extra):
-    args = ["train", "--data", str(image_root), "--output-dir", str(run_dir), "--status-file", str(status)]
-    for item in [*TINY_RUN, *extra]:
-        args += ["--set", item]
-    return args
+def status_train_args(image_root, run_dir, status, *extra):
+    """train_args with --status-file STATUS."""
+    return train_args(image_root, run_dir, *extra, options=["--status-file", status])
 
 
 def test_a_stop_by_a_signal_records_the_signal_step_and_checkpoint_and_exits_0(cli, image_root, tmp_path):
     run, status = tmp_path / "run", tmp_path / "status.json"
-    result = cli(*train_args(image_root, run, status, "train.epochs=5"), "--fault", "sigterm_at_step=2")
+    result = cli(*status_train_args(image_root, run, status, "train.epochs=5"), "--fault", "sigterm_at_step=2")
     # the file carries 128 + SIGTERM; the process exits 0 so that torchrun neither fails nor restarts the group
     assert result.exit_code == 0, result.output
     assert json.loads(status.read_text()) == {"exit_code": 143, "stopped_by": "SIGTERM", "step": 2,
@@ -28,14 +26,14 @@ def test_a_stop_by_a_signal_records_the_signal_step_and_checkpoint_and_exits_0(c
 
 def test_a_finished_run_records_exit_code_0(cli, image_root, tmp_path):
     status = tmp_path / "status.json"
-    result = cli(*train_args(image_root, tmp_path / "run", status, "train.epochs=1"))
+    result = cli(*status_train_args(image_root, tmp_path / "run", status, "train.epochs=1"))
     assert result.exit_code == 0, result.output
     assert json.loads(status.read_text()) == {"exit_code": 0}
 
 
 def test_a_config_mistake_records_exit_code_2_and_its_line(cli, image_root, tmp_path):
     status = tmp_path / "status.json"
-    result = cli(*train_args(image_root, tmp_path / "run", status, "train.epochs=x"))
+    result = cli(*status_train_args(image_root, tmp_path / "run", status, "train.epochs=x"))
     assert result.exit_code == 2
     record = json.loads(status.read_text())
     assert record["exit_code"] == 2
@@ -46,7 +44,7 @@ def test_a_config_mistake_records_exit_code_2_and_its_line(cli, image_root, tmp_
 def test_any_rank_writes_its_error_since_torchrun_may_end_rank_0_first(cli, image_root, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # what torchrun gives the second process
     status = tmp_path / "status.json"
-    result = cli(*train_args(image_root, tmp_path / "run", status, "train.epochs=x"))
+    result = cli(*status_train_args(image_root, tmp_path / "run", status, "train.epochs=x"))
     assert result.exit_code == 2
     assert json.loads(status.read_text())["exit_code"] == 2
 
@@ -70,7 +68,7 @@ def test_a_stop_that_ended_in_an_error_is_not_recorded_as_a_clean_stop():
 def test_only_rank_0_writes_a_finished_run(cli, image_root, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # what torchrun gives the second process
     status = tmp_path / "status.json"
-    result = cli(*train_args(image_root, tmp_path / "run", status, "train.epochs=1"))
+    result = cli(*status_train_args(image_root, tmp_path / "run", status, "train.epochs=1"))
     assert result.exit_code == 0, result.output
     assert not status.exists()
 

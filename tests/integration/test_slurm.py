@@ -11,13 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import TINY_RUN, LineReader, wait_until
-from test_elastic import worker_pids
-from mbv2train.train.tracking import read_metrics
+from helpers import REPO, TINY_RUN, LineReader, run_ckpt, run_metrics, wait_until, worker_pids
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
+SCRIPT = REPO / "scripts" / "slurm" / "train.sbatch"
 
 FAKES = {
     # srun: drop its own options, remember the step's process, run the command (its output is the job log's)
@@ -125,7 +122,7 @@ def test_sigusr1_before_the_time_limit_checkpoints_requeues_once_and_the_requeue
     finally:
         end_the_job(job, tmp_path)
     stdout, stderr = out.text(), err.text()
-    stopped = torch.load(run / "last.pt", weights_only=True)
+    stopped = run_ckpt(run)
     assert stopped["epoch"] < 50
     assert f"stopped by SIGUSR1 at step {stopped['global_step']}" in stdout
     # the training's own exit code (128 + SIGUSR1) in the job log, then the requeue
@@ -146,7 +143,7 @@ def test_sigusr1_before_the_time_limit_checkpoints_requeues_once_and_the_requeue
     assert f"resuming at epoch {epochs}, step" in requeued.stdout
     assert "train.sbatch: the training's exit code: 0" in requeued.stderr
     assert slurm_calls(tmp_path) == ["scancel --signal=USR1 4242", "requeue 4242"]  # not again
-    rows = [row for row in read_metrics(run / "metrics.jsonl") if "event" not in row]  # not the allowed change
+    rows = [row for row in run_metrics(run) if "event" not in row]  # not the allowed change
     assert [row["epoch"] for row in rows] == list(range(1, epochs + 1))
 
 
@@ -183,7 +180,7 @@ def test_a_crash_after_the_warning_signal_is_not_requeued_and_fails_the_job(imag
     assert slurm_calls(tmp_path) == ["scancel --signal=USR1 4242"]  # no requeue
     assert "train.sbatch: the training left no status" in stderr
     assert "not requeued" in stderr
-    assert torch.load(run / "last.pt", weights_only=True)["global_step"] == 1  # the stop saved nothing
+    assert run_ckpt(run)["global_step"] == 1  # the stop saved nothing
 
 
 @pytest.mark.slow

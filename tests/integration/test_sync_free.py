@@ -3,7 +3,6 @@ the device, exactly, and reported at the next boundary."""
 
 import io
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -13,7 +12,7 @@ from torch.optim import optimizer as torch_optimizer, rmsprop
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from conftest import TINY_RUN
+from helpers import metric_rows, run_ckpt, torchrun, train_args
 from mbv2train import devices
 from mbv2train.train import optim, step_guard
 from mbv2train.train.epoch import EpochHooks, EpochProgress, TrainSettings, train_one_epoch
@@ -23,8 +22,7 @@ from mbv2train.faults import Faults
 from mbv2train.model import MobileNetV2
 from mbv2train.preemption import Preempted
 from mbv2train.progress import Progress
-from mbv2train.train.tracking import read_metrics
-from mbv2train.train.trainer import fit, without_timing
+from mbv2train.train.trainer import fit
 
 # The Tensor methods that copy a value to the host: on a GPU each waits for all queued work.
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -530,24 +528,19 @@ def test_a_loader_error_met_while_fetching_ahead_is_raised_at_the_batch_it_belon
 def test_under_torchrun_a_stop_signal_stops_every_process_one_step_later_and_resumes_exactly(image_root, tmp_path):
     # Each process sends itself SIGTERM after step 4; they agree on it while step 5 computes, stop together
     # after step 5, and the resumed run ends where an uninterrupted one does.
-    def torchrun(run, *extra):
-        args = ["train", "--data", str(image_root), "--output-dir", str(run)]
-        for item in [*TINY_RUN, "data.batch_size=2", "train.epochs=1", "train.ema=true"]:
-            args += ["--set", item]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               "2", "-m", "mbv2train", *args, *extra], env=env, capture_output=True, text=True,
-                              timeout=300)
+    def run(path, *extra):
+        return torchrun([*train_args(image_root, path, "data.batch_size=2", "train.epochs=1", "train.ema=true"),
+                         *extra])
 
-    whole = torchrun(tmp_path / "whole")
+    whole = run(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = torchrun(tmp_path / "run", "--fault", "sigterm_at_step=4")
+    stopped = run(tmp_path / "run", "--fault", "sigterm_at_step=4")
     assert "stopped by SIGTERM at step 5" in stopped.stdout, stopped.stderr[-3000:]
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["global_step"] == 5
-    resumed = torchrun(tmp_path / "run", "--resume", "auto")
+    assert run_ckpt(tmp_path / "run")["global_step"] == 5
+    resumed = run(tmp_path / "run", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("whole", "run"))
+    a, b = (run_ckpt(tmp_path / name) for name in ("whole", "run"))
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    rows = [[without_timing(r) for r in read_metrics(tmp_path / name / "metrics.jsonl")] for name in ("whole", "run")]
+    rows = [metric_rows(tmp_path / name) for name in ("whole", "run")]
     assert rows[0] == rows[1]

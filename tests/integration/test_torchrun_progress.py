@@ -1,14 +1,10 @@
 """Under torchrun the progress line and the epoch line after it show one kind of figure: all processes'."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import TINY_RUN
-from mbv2train.train.tracking import read_metrics
+from helpers import run_metrics, torchrun, train_args
 
 
 def progress_figures(line: str) -> dict[str, str]:
@@ -21,12 +17,7 @@ def progress_figures(line: str) -> dict[str, str]:
 def test_the_progress_line_under_torchrun_shows_all_processes_figures_and_says_so(image_root, tmp_path):
     run = tmp_path / "run"
     # 24 images, 2 processes of 4: 3 steps, each logged, the last of them the epoch's end
-    args = ["train", "--data", str(image_root), "--output-dir", str(run)]
-    for item in [*TINY_RUN, "data.batch_size=4", "train.epochs=1", "train.tb_images=0"]:
-        args += ["--set", item]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "mbv2train", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
+    result = torchrun(train_args(image_root, run, "data.batch_size=4", "train.epochs=1", "train.tb_images=0"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     progress = [line for line in lines if re.match(r"epoch 1/1 \d/3 ", line)]
@@ -34,7 +25,7 @@ def test_the_progress_line_under_torchrun_shows_all_processes_figures_and_says_s
     assert all(line.startswith(f"epoch 1/1 {n}/3 all 2 processes: loss ") for n, line in enumerate(progress, 1))
 
     # the line at the epoch's last step holds the epoch's figures, as the epoch line and metrics.jsonl do
-    [row] = read_metrics(run / "metrics.jsonl")
+    [row] = run_metrics(run)
     last = progress_figures(progress[-1])
     assert last["loss"] == f"{row['train_loss']:.4f}" and last["top1"] == f"{row['train_top1']:.3f}"
     [epoch_line] = [line for line in lines if line.startswith("epoch 1 | ")]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
+from helpers import metric_rows, run_ckpt, run_metrics
 from mbv2train.errors import CheckpointError, ConfigError, DataError
-from mbv2train.train.tracking import read_metrics
 from mbv2train.train.trainer import fit, without_timing
 
 ROW_KEYS = {"epoch", "world_size", "global_batch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "img_per_s", "epoch_time_s"}
@@ -18,7 +18,7 @@ def test_run_dir_holds_config_metrics_checkpoints_and_tensorboard(tiny_config, t
     fit(cfg)
     run = tmp_path / "run"
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["num_classes"] == 3  # taken from the data
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = run_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
         assert ROW_KEYS <= set(row)
@@ -33,7 +33,7 @@ def test_run_dir_holds_config_metrics_checkpoints_and_tensorboard(tiny_config, t
 
 def test_checkpoint_loads_weights_only_and_holds_the_run_state(tiny_config, tmp_path):
     fit(tiny_config("train.ema=true"))
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state = run_ckpt(tmp_path / "run")
     assert {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "global_step", "best_metric",
             "best_value", "config", "class_names", "versions", "format_version"} <= set(state)
     assert state["epoch"] == 2 and state["global_step"] == 2 * (24 // 8)
@@ -47,24 +47,24 @@ def test_checkpoint_loads_weights_only_and_holds_the_run_state(tiny_config, tmp_
 def test_same_seed_gives_identical_metrics(tiny_config, tmp_path):
     fit(tiny_config(run_dir=tmp_path / "a"))
     fit(tiny_config(run_dir=tmp_path / "b"))
-    a, b = (read_metrics(tmp_path / name / "metrics.jsonl") for name in "ab")
+    a, b = (run_metrics(tmp_path / name) for name in "ab")
     assert [without_timing(r) for r in a] == [without_timing(r) for r in b]
-    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    wa = run_ckpt(tmp_path / "a")["model"]
+    wb = run_ckpt(tmp_path / "b")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_a_different_seed_gives_different_weights(tiny_config, tmp_path):
     fit(tiny_config("train.epochs=1", run_dir=tmp_path / "a"))
     fit(tiny_config("train.epochs=1", "train.seed=1", run_dir=tmp_path / "b"))
-    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    wa = run_ckpt(tmp_path / "a")["model"]
+    wb = run_ckpt(tmp_path / "b")["model"]
     assert not torch.equal(wa["classifier.1.weight"], wb["classifier.1.weight"])
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(tiny_config, tmp_path):
     fit(tiny_config("train.epochs=1"), resume="auto")
-    assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+    assert [r["epoch"] for r in run_metrics(tmp_path / "run")] == [1]
 
 
 def test_resume_from_an_epoch_checkpoint_ends_like_the_uninterrupted_run(tiny_config, tmp_path):
@@ -75,14 +75,14 @@ def test_resume_from_an_epoch_checkpoint_ends_like_the_uninterrupted_run(tiny_co
     fit(tiny_config("train.epochs=3", "train.ema=true", "train.save_every_epochs=1", run_dir=run),
         resume=str(run / "epoch_1.pt"))
 
-    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
-    resumed = torch.load(run / "last.pt", weights_only=True)
+    whole = run_ckpt(tmp_path / "whole")
+    resumed = run_ckpt(run)
     for part in ("model", "ema"):
         assert all(torch.equal(whole[part][k], resumed[part][k]) for k in whole[part])
     assert resumed["global_step"] == whole["global_step"]
     assert resumed["scheduler"]["last_epoch"] == whole["scheduler"]["last_epoch"]
-    rows_whole = [without_timing(r) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
-    rows_resumed = [without_timing(r) for r in read_metrics(run / "metrics.jsonl")]
+    rows_whole = metric_rows(tmp_path / "whole")
+    rows_resumed = metric_rows(run)
     assert rows_resumed == rows_whole
 
 
@@ -103,8 +103,8 @@ def evaluate_weights(state: dict, weights: dict) -> dict:
 
 def test_ema_metrics_are_the_ema_weights_metrics(tiny_config, tmp_path):
     fit(tiny_config("train.ema=true", "train.ema_decay=0.5"))
-    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    row = run_metrics(tmp_path / "run")[-1]
+    state = run_ckpt(tmp_path / "run")
     ema_weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
     for prefix, weights in (("ema_val_", ema_weights), ("val_", state["model"])):
         metrics = evaluate_weights(state, weights)
@@ -119,7 +119,7 @@ def test_ema_every_steps_sets_how_often_the_ema_is_updated(tiny_config, tmp_path
     for every in (1, 2):
         fit(tiny_config("train.ema=true", "train.ema_decay=0.5", f"train.ema_every_steps={every}",
                         run_dir=tmp_path / str(every)))
-    one, two = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in "12")
+    one, two = (run_ckpt(tmp_path / name) for name in "12")
     assert one["global_step"] == two["global_step"] == 6
     assert (int(one["ema"]["n_averaged"]), int(two["ema"]["n_averaged"])) == (6, 3)  # steps / every
     assert all(torch.equal(one["model"][k], two["model"][k]) for k in one["model"])  # training is the same
@@ -149,19 +149,19 @@ def test_compile_wraps_the_trained_model_in_torch_compile(tiny_config, tmp_path,
     row = fit(tiny_config("train.compile=true", "train.epochs=1"))
     assert len(compiled) == 1 and compiled[0].forwards == 3  # every training step ran through it
     assert row["epoch"] == 1 and math.isfinite(row["train_loss"])
-    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    saved = run_ckpt(tmp_path / "run")["model"]
     assert set(saved) == set(compiled[0].model.state_dict())  # no wrapper prefix in the checkpoint
 
 
 def test_mixup_cutmix_runs_without_train_top1(tiny_config, tmp_path):
     fit(tiny_config("data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "train.label_smoothing=0.1"))
-    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    row = run_metrics(tmp_path / "run")[-1]
     assert "train_top1" not in row and math.isfinite(row["train_loss"])
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_config, tmp_path):
     fit(tiny_config("train.accum_steps=2", "train.grad_clip_norm=1.0", "data.batch_size=4"))
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state = run_ckpt(tmp_path / "run")
     assert state["global_step"] == 2 * (24 // 4 // 2)
 
 
@@ -213,8 +213,8 @@ def test_epoch_copies_follow_retention(tiny_config, tmp_path):
 
 def test_best_checkpoint_holds_the_best_epoch(tiny_config, tmp_path):
     fit(tiny_config("train.epochs=3"))
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    rows = run_metrics(tmp_path / "run")
+    best = run_ckpt(tmp_path / "run", "best.pt")
     first_best = max(rows, key=lambda r: (r["val_top1"], -r["epoch"]))
     assert best["epoch"] == first_best["epoch"]
     assert best["best_value"] == first_best["val_top1"]
@@ -278,7 +278,7 @@ def test_a_fresh_start_drops_rows_of_an_attempt_that_never_saved(tiny_config, tm
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 0.5, "stale": True}) + "\n")
     fresh = fit(tiny_config("train.epochs=1"), resume="auto")
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = run_metrics(run)
     assert len(rows) == 1 and "stale" not in rows[0]  # the stale row is gone, whatever val_top1 the new one has
     assert without_timing(rows[0]) == without_timing(fresh) and ROW_KEYS <= set(rows[0])
 
@@ -289,4 +289,4 @@ def test_resuming_a_finished_run_trains_nothing(tiny_config, tmp_path, capsys):
     assert fit(tiny_config("train.epochs=1"), resume="auto") == {}
     assert "nothing to train" in capsys.readouterr().out
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
-    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
+    assert len(run_metrics(tmp_path / "run")) == 1

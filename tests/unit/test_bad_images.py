@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, features
 
-from conftest import truncated_jpeg, write_images
+from helpers import run_metrics, torchrun, train_args, truncated_jpeg, write_images
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.data import BadImageLog, SeededDataset
@@ -330,20 +330,20 @@ def test_unusual_files_never_count_as_bad(tmp_path):
 
 # ---------------------------------------------------------------- through `mbv2 train`
 
+# a run of 16 px images in batches of 7, without TINY_RUN's augmentation and learning rate settings
+BAD_RUN = ["model.width_mult=0.25", "data.image_size=16", "data.val_resize=16", "data.val_crop=16",
+           "data.batch_size=7", "data.num_workers=0", "train.epochs=2", "train.tb_images=0"]
+
+
 def train_command(root, run, *extra):
-    args = ["train", "--data", str(root), "--output-dir", str(run)]
-    for item in ("model.width_mult=0.25", "data.image_size=16", "data.val_resize=16", "data.val_crop=16",
-                 "data.batch_size=7", "data.num_workers=0", "train.epochs=2", "train.tb_images=0", *extra):
-        args += ["--set", item]
-    return args
+    return train_args(root, run, *extra, base=BAD_RUN)
 
 
 def test_mbv2_train_with_skip_counts_the_three_bad_files_every_epoch(cli, bad_root, bad_paths, tmp_path):
-    from mbv2train.train.tracking import read_metrics
 
     result = cli(*train_command(bad_root, tmp_path / "run", "data.bad_images=skip", "data.max_bad_fraction=0.2"))
     assert result.exit_code == 0, result.output
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = run_metrics(tmp_path / "run")
     assert [r["bad_images"] for r in rows] == [3, 3]
     warned = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped unreadable image")]
     assert sorted(line.rsplit(" ", 1)[1] for line in warned) == bad_paths  # once each, over both epochs
@@ -373,8 +373,6 @@ def twenty_train_images(root: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_torchrun_counts_bad_images_over_all_processes_and_every_process_stops_on_one_line(tmp_path):
-    from test_cli_train import torchrun
-
     root = tmp_path / "data"
     twenty_train_images(root)
     # 2 processes x batches of 5: in epoch 1 each process reads 10 images and one of the two bad ones
@@ -388,9 +386,6 @@ def test_torchrun_counts_bad_images_over_all_processes_and_every_process_stops_o
 
 @pytest.mark.slow
 def test_torchrun_warns_about_and_counts_the_bad_images_every_process_meets(tmp_path):
-    from test_cli_train import torchrun
-    from mbv2train.train.tracking import read_metrics
-
     root = tmp_path / "data"
     bad = twenty_train_images(root)
     bad.append(root / "val" / "cat" / "img0z.jpg")  # validation image 1 in folder order: rank 1's shard alone
@@ -398,7 +393,7 @@ def test_torchrun_warns_about_and_counts_the_bad_images_every_process_meets(tmp_
     result = torchrun(train_command(root, tmp_path / "run", "data.batch_size=5", "data.bad_images=skip",
                                     "data.max_bad_fraction=0.2"))
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = run_metrics(tmp_path / "run")
     assert [(r["bad_images"], r["val_bad_images"]) for r in rows] == [(2, 1), (2, 1)]
     warned = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped unreadable image")]
     assert sorted(warned) == sorted(f"warning: skipped unreadable image {path}" for path in bad)  # once each

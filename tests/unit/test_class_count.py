@@ -2,22 +2,20 @@
 
 import pytest
 
-from conftest import TINY_RUN, write_dataset, write_images
+from helpers import train_args, write_dataset, write_images
 from mbv2train.data.check import check_dataset
 from mbv2train.errors import DataError
 
 
-def train_args(root, run, *overrides):
-    args = ["train", "--data", root, "--output-dir", run]
-    for item in [*TINY_RUN, "data.batch_size=2", *overrides]:
-        args += ["--set", item]
-    return args
+def two_per_step(root, run, *overrides):
+    """train_args with batches of 2, for datasets of a few images."""
+    return train_args(root, run, "data.batch_size=2", *overrides)
 
 
 def test_training_on_one_class_is_one_line_exit_2_and_writes_nothing(cli, tmp_path):
     root = write_dataset(tmp_path / "data", ["cat"], 4, 2)
     run = tmp_path / "run"
-    result = cli(*train_args(root, run))
+    result = cli(*two_per_step(root, run))
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [f"error: training folder {root / 'train'} has 1 class folder (cat); "
                                           f"a classifier needs at least 2 classes"]
@@ -26,7 +24,7 @@ def test_training_on_one_class_is_one_line_exit_2_and_writes_nothing(cli, tmp_pa
 
 def test_training_names_the_folder_set_by_train_dir(cli, tmp_path):
     root = write_dataset(tmp_path / "data", ["cat"], 4, 2)
-    result = cli(*train_args(root, tmp_path / "run", f"data.train_dir={root / 'train'}"))
+    result = cli(*two_per_step(root, tmp_path / "run", f"data.train_dir={root / 'train'}"))
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: training folder {root / 'train'} has 1 class folder (cat)")
 

@@ -2,20 +2,18 @@ import random
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import write_dataset, write_images
+from helpers import REPO, write_dataset, write_images
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.data import EpochSampler, SeededDataset
 from mbv2train.data.demo import write_demo_dataset
 from mbv2train.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "fox"]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import truncated_jpeg, write_dataset, write_images
+from helpers import truncated_jpeg, write_dataset, write_images
 from mbv2train.data.check import ERROR_KINDS, PROBLEM_KINDS, WARNING_KINDS, check_dataset, format_report, severity
 from mbv2train.errors import DataError
 

@@ -1,12 +1,10 @@
 import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from mbv2train.config import load_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_readme_config_reference_matches_the_config_classes():

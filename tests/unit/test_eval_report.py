@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_image_folder
-from eval_models import calibrated_model, colour_model, eval_config, save_checkpoint
+from helpers import load_ckpt, make_image_folder, read_events, run_ckpt, torchrun, train_args
+from support.eval_models import calibrated_model, colour_model, eval_config, save_checkpoint
 from mbv2train import data
 from mbv2train.evaluate import report as eval_report
 from mbv2train.config import DataConfig
@@ -128,7 +128,7 @@ def test_tta_flip_is_the_mean_of_the_logits_of_the_image_and_its_mirror(cli, ran
     flipped = eval_json(cli, "--ckpt", random_run, "--tta", "flip")
     assert flipped["tta"] == "flip" and plain["tta"] is None
 
-    state = torch.load(random_run, weights_only=True)
+    state = load_ckpt(random_run)
     cfg = eval_config(image_root, 3, "data.val_resize=32", "data.val_crop=28")
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])
@@ -198,14 +198,12 @@ def per_class_table(events, tag):
 
 
 def test_tensorboard_gets_the_per_class_summary_of_each_epoch(cli, tiny_config, tmp_path):
-    from test_tracking import read_events
-
     from mbv2train.train.trainer import fit
 
     fit(tiny_config("train.tb_per_class=true"))
     run = tmp_path / "run"
     tables = per_class_table(read_events(run), "per_class/val/text_summary")
-    state = torch.load(run / "last.pt", weights_only=True)
+    state = run_ckpt(run)
     assert [step for step, _ in tables] == [state["global_step"] // 2, state["global_step"]]
     out = eval_json(cli, "--ckpt", run / "last.pt", "--per-class")
     assert tables[-1][1] == [(r["class"], r["images"], pytest.approx(r["top1"], abs=1e-4)) for r in out["per_class"]]
@@ -214,9 +212,6 @@ def test_tensorboard_gets_the_per_class_summary_of_each_epoch(cli, tiny_config, 
 
 @pytest.mark.slow
 def test_torchrun_sums_the_per_class_counts_over_processes(image_root, tmp_path, cli):
-    from test_cli_train import torchrun, train_args
-    from test_tracking import read_events
-
     run = tmp_path / "ddp"
     # val batches of 5: rank 0 takes 6 of the 12 images, in 2 batches; rank 1 the other 6
     result = torchrun(train_args(image_root, run, "data.batch_size=4", "data.val_batch_size=5",

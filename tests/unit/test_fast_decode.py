@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from helpers import REPO
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.data import decode, transforms
@@ -366,9 +367,7 @@ def test_batches_come_out_channels_last_with_default_collates_values(jpeg_root):
 def test_decode_speed_script_reports_every_step(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
     pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     for split, count in (("train", 10), ("val", 1)):
         for name in ("a", "b"):
@@ -376,7 +375,7 @@ def test_decode_speed_script_reports_every_step(tmp_path):
             for i in range(count):
                 save_jpeg(Image.fromarray(np.roll(pixels, i, axis=1)), tmp_path / split / name / f"{i}.jpg")
     result = subprocess.run([sys.executable, "scripts/decode_speed.py", "--data", str(tmp_path), "--images", "8",
-                             "--rounds", "1", "--batch-size", "4"], cwd=repo, capture_output=True, text=True,
+                             "--rounds", "1", "--batch-size", "4"], cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "install_venv.py"
+from helpers import REPO
+
+SCRIPT = REPO / "scripts" / "install_venv.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,17 @@
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import REPO
 from mbv2train.train import optim
 from mbv2train.config import OptimConfig, ScheduleConfig, load_config
 from mbv2train.model import MobileNetV2
 from mbv2train.train.optim import build_optimizer, build_scheduler, lr_at, parameter_groups, scaled_lr
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = REPO / "configs"
 IMAGENET_IMAGES = 1_281_167
 
 

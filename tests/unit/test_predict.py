@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import truncated_jpeg
-from eval_models import calibrated_model, eval_config, save_checkpoint
+from helpers import load_ckpt, truncated_jpeg
+from support.eval_models import calibrated_model, eval_config, save_checkpoint
 from mbv2train import data
 from mbv2train.evaluate import loop
 from mbv2train.evaluate.evaluation import EvalRequest, load_model
@@ -181,7 +181,7 @@ def test_predict_bad_input_exits_2_with_one_line(cli, digits, tmp_path, args, me
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     shutil.copy(next((root / "val" / "0").iterdir()), tmp_path / "one.png")
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
-    torch.save(torch.load(ckpt, weights_only=True)["model"], tmp_path / "bare.pth")
+    torch.save(load_ckpt(ckpt)["model"], tmp_path / "bare.pth")
     result = cli("predict", *[a.format(tmp=tmp_path, ckpt=ckpt) for a in args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.splitlines()

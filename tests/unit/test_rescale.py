@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, LineReader
+from helpers import REPO, SUPPORT, LineReader, child_env, run_ckpt, run_metrics, torchrun_command, train_args
 from mbv2train.config import load_config
 from mbv2train.train.epoch import EpochProgress
 from mbv2train.errors import CheckpointError
 from mbv2train.train.rescale import keep_global_batch, split_rank_parts
-from mbv2train.train.tracking import read_metrics
 
-PROBE = Path(__file__).with_name("sample_probe.py")
+PROBE = SUPPORT / "sample_probe.py"
 # Unreadable training files that data.bad_images: skip replaces: 6 of the 24 samples (image_root's 3 classes
 # of 8, in the order of the dataset's indices), spread so that both parts of a split epoch have some.
 CLASSES = ("circle", "square", "triangle")
@@ -121,15 +120,16 @@ def test_an_epoch_of_several_processes_resumed_on_any_number_counts_each_image_o
 def probed(root, run: Path, probe: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     """One epoch of 24 images (6 steps of a global batch of 4) with ``processes`` processes, recorded by
     sample_probe.py into ``probe``."""
-    args = ["train", "--data", str(root), "--output-dir", str(run)]
-    for item in [*TINY_RUN, *SKIP_BAD, f"data.batch_size={4 // processes}", "train.epochs=1", "train.tb_images=0"]:
-        args += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-                if processes > 1 else [sys.executable])
-    return subprocess.run([*launcher, str(PROBE), str(probe), *args, *extra], env=env, capture_output=True,
-                          text=True, timeout=300)
+    args = train_args(root, run, *SKIP_BAD, f"data.batch_size={4 // processes}", "train.epochs=1",
+                      "train.tb_images=0")
+    command = ([*torchrun_command(PROBE, probe, nproc=processes)] if processes > 1
+               else [sys.executable, str(PROBE), str(probe)])
+    return subprocess.run([*command, *args, *extra], env=probe_env(), capture_output=True, text=True, timeout=300)
+
+
+def probe_env() -> dict[str, str]:
+    """child_env, with this checkout's mbv2train first on the path of the probe script."""
+    return child_env(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 
 def trained_samples(probe: Path) -> list[int]:
@@ -164,7 +164,7 @@ def assert_epoch_sums(row: dict, whole_row: dict, *probes: Path) -> None:
 def stop_and_resume_elsewhere(root, tmp_path, before: int, after: int, stop_fault: str) -> None:
     whole = probed(root, tmp_path / "whole", tmp_path / "probe_whole", before)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    [whole_row] = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    [whole_row] = run_metrics(tmp_path / "whole")
     assert_epoch_sums(whole_row, whole_row, tmp_path / "probe_whole")
 
     run = tmp_path / "run"
@@ -172,7 +172,7 @@ def stop_and_resume_elsewhere(root, tmp_path, before: int, after: int, stop_faul
     # 128 + SIGTERM from each process (torchrun itself reports a failed group with 1)
     assert (stopped.returncode == 143 if before == 1 else "exitcode  : 143" in stopped.stderr), stopped.stderr[-3000:]
     assert "stopped by SIGTERM at step 3" in stopped.stdout
-    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    checkpoint = run_ckpt(run)
     assert (checkpoint["global_step"], checkpoint["epoch"], checkpoint["world_size"]) == (3, 0, before)
     assert (checkpoint["global_batch"], checkpoint["epoch_position"]) == (4, 12)
     # the first part's bad images are to count once, not once per new process
@@ -194,7 +194,7 @@ def stop_and_resume_elsewhere(root, tmp_path, before: int, after: int, stop_faul
     lr_split = {**learning_rates(tmp_path / "probe_1"), **learning_rates(tmp_path / "probe_2")}
     assert sorted(lr_split) == sorted(lr_whole) == [1, 2, 3, 4, 5, 6]
     assert all(lr_split[step] == lr_whole[step] for step in lr_whole)
-    [row] = read_metrics(run / "metrics.jsonl")
+    [row] = run_metrics(run)
     assert (row["epoch"], row["step"], row["world_size"], row["global_batch"]) == (1, 6, after, 4)
     assert_epoch_sums(row, whole_row, tmp_path / "probe_1", tmp_path / "probe_2")
 
@@ -220,13 +220,9 @@ def test_a_torchrun_job_stopped_by_sigterm_to_its_group_resumes_on_one_process_t
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     run, probe = tmp_path / "run", tmp_path / "probe_1"
-    args = ["train", "--data", str(flawed_root), "--output-dir", str(run), "--fault", "sleep_per_step=0.3"]
-    for item in [*TINY_RUN, *SKIP_BAD, "data.batch_size=2", "train.epochs=1", "train.tb_images=0"]:
-        args += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(PROBE.parent.parent), os.environ.get("PYTHONPATH", "")])}
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(PROBE), str(probe), *args], env=env, stdout=subprocess.PIPE,
+    args = train_args(flawed_root, run, *SKIP_BAD, "data.batch_size=2", "train.epochs=1", "train.tb_images=0",
+                      options=["--fault", "sleep_per_step=0.3"])
+    job = subprocess.Popen(torchrun_command(PROBE, probe, *args), env=probe_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     out, err = LineReader(job.stdout), LineReader(job.stderr)
     try:
@@ -238,7 +234,7 @@ def test_a_torchrun_job_stopped_by_sigterm_to_its_group_resumes_on_one_process_t
             job.kill()
     stdout = out.text()
     assert job.returncode != 0 and "stopped by SIGTERM at step" in stdout, err.text()[-3000:]
-    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    checkpoint = run_ckpt(run)
     steps = checkpoint["global_step"]
     assert 1 <= steps < 6 and checkpoint["epoch"] == 0  # stopped inside the epoch
     assert checkpoint["epoch_position"] == 4 * steps
@@ -253,5 +249,5 @@ def test_a_torchrun_job_stopped_by_sigterm_to_its_group_resumes_on_one_process_t
     lr_split = {**learning_rates(probe), **learning_rates(tmp_path / "probe_2")}
     assert sorted(lr_split) == sorted(lr_whole) == [1, 2, 3, 4, 5, 6]
     assert all(lr_split[step] == lr_whole[step] for step in lr_whole)
-    [row], [whole_row] = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    [row], [whole_row] = run_metrics(run), run_metrics(tmp_path / "whole")
     assert_epoch_sums(row, whole_row, probe, tmp_path / "probe_2")

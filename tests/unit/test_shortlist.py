@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder, write_images
-from eval_models import calibrated_model, eval_config, save_checkpoint
+from helpers import make_image_folder, write_images
+from support.eval_models import calibrated_model, eval_config, save_checkpoint
 from mbv2train import data
 from mbv2train.config import DataConfig
 from mbv2train.errors import DataError

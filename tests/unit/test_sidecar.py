@@ -7,8 +7,11 @@ import shutil
 import pytest
 import torch
 
-from eval_models import calibrated_model, eval_config, save_checkpoint
+from support.eval_models import calibrated_model, eval_config, save_checkpoint
 from mbv2train import data
+
+# the exported digits model (a module fixture) is built once, on one worker
+pytestmark = pytest.mark.xdist_group("sidecar")
 
 # Not ImageNet's statistics nor its 256/224: a state dict scored at torchvision's defaults would go wrong.
 DIGITS_SETTINGS = ["data.val_resize=36", "data.val_crop=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",

@@ -3,17 +3,11 @@ import json
 from contextlib import redirect_stdout
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers import read_events, run_metrics
 from mbv2train.progress import Progress
 from mbv2train.train.tracking import read_metrics, truncate_metrics
 from mbv2train.train.trainer import fit
-
-
-def read_events(run_dir):
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    events.Reload()
-    return events
 
 
 def test_tensorboard_holds_epoch_and_step_scalars_images_and_hparams(tiny_config, tmp_path):
@@ -24,7 +18,7 @@ def test_tensorboard_holds_epoch_and_step_scalars_images_and_hparams(tiny_config
                  "val_top5", "ema_val_top1", "ema_val_top5"):
         assert f"epoch/{name}" in scalars, name
     assert {"step/loss", "step/lr"} <= scalars
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = run_metrics(tmp_path / "run")
     logged = [(e.step, e.value) for e in events.Scalars("epoch/val_top1")]
     assert logged == [(r["step"], pytest.approx(r["val_top1"])) for r in rows]
     assert len(events.Scalars("step/lr")) == rows[-1]["step"]  # log_every_steps=1
