@@ -112,6 +112,15 @@ def torchrun(args: Sequence[Any], *faults: str, nproc: int = 2, timeout: float =
                           capture_output=True, text=True, timeout=timeout)
 
 
+def eval_json(cli, *args: Any) -> dict:
+    """``mbv2 eval ARGS --json`` through the cli fixture, which must succeed; its JSON report."""
+    import json
+
+    result = cli("eval", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 def start(args: Sequence[Any]) -> subprocess.Popen:
     """``python -m mbv2train ARGS`` started in its own session (a test may signal its whole group), with pipes."""
     return subprocess.Popen([sys.executable, "-m", "mbv2train", *map(str, args)], stdout=subprocess.PIPE,

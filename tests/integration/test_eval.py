@@ -1,11 +1,10 @@
-import json
 import shutil
 
 import pytest
 import torch
 import torchvision
 
-from helpers import run_ckpt, run_metrics
+from helpers import eval_json, run_ckpt, run_metrics
 from mbv2train.train.trainer import fit
 
 # the trained runs (module fixtures) are built once, on one worker
@@ -34,12 +33,6 @@ def trained(tmp_path_factory, image_root):
 def trained_ema_best(tmp_path_factory, image_root):
     """A run whose best metric is the EMA's (the default with train.ema)."""
     return finished_run(tmp_path_factory, image_root, "trained_ema", "train.ema_decay=0.5")
-
-
-def eval_json(cli, *args):
-    result = cli("eval", *args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 def test_eval_reproduces_the_logged_val_metrics(cli, trained):

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from helpers import eval_json
 from support.eval_models import calibrated_model, eval_config, save_checkpoint
 from mbv2train import data
 
@@ -41,12 +42,6 @@ def exported(tmp_path_factory):
     state_dict = base / "digits.torchvision.pth"
     assert (base / "digits.torchvision.pth.json").is_file()
     return root, ckpt, state_dict
-
-
-def eval_json(cli, *args):
-    result = cli("eval", *args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 def test_the_exported_state_dict_scores_what_the_checkpoint_scores(cli, exported):
