@@ -1,6 +1,6 @@
 """Print the config reference table (every key, its default and meaning) as Markdown.
 
-README.md's "Config reference" section is this script's output; tests/test_docs.py checks they agree.
+README.md's "Config reference" section is this script's output; tests/unit/test_docs.py checks they agree.
     .venv/bin/python scripts/config_reference.py
 """
 
