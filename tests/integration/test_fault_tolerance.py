@@ -11,18 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (SMALL_STEPS, LineReader, load_ckpt, metric_rows, progress_line, run_metrics, same_state, start,
-                     train_args)
+from helpers import (SMALL_STEPS, TINY_RUN, LineReader, load_ckpt, metric_rows, progress_line, run_metrics,
+                     same_state, start, train_args)
+from mbv2train.config import load_config
 from mbv2train.errors import CheckpointError, NonFiniteLoss
 from mbv2train.faults import CRASH_EXIT_CODE, Faults
 from mbv2train.preemption import Preempted
 from mbv2train.train.trainer import fit
 
 
-@pytest.fixture
-def uninterrupted(tiny_config, tmp_path):
-    fit(tiny_config(*SMALL_STEPS, run_dir=tmp_path / "whole"))
-    return tmp_path / "whole"
+@pytest.fixture(scope="module")
+def uninterrupted(image_root, tmp_path_factory):
+    """The run the interrupted ones must end like: built once for the file, read-only."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    fit(load_config(None, [*TINY_RUN, f"data.root={image_root}", f"train.output_dir={run}", *SMALL_STEPS]))
+    return run
 
 
 # ------------------------------------------------------------------------------------------ exact resume
