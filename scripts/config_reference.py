@@ -1,6 +1,6 @@
 """Print the config reference table (every key, its default and meaning) as Markdown.
 
-docs/CONFIG.md's "Config reference" section is this script's output; tests/test_docs.py checks they agree.
+docs/CONFIG.md's "Config reference" section is this script's output; tests/unit/test_docs.py checks they agree.
     .venv/bin/python scripts/config_reference.py           # print the table
     .venv/bin/python scripts/config_reference.py --write   # put it into docs/CONFIG.md
 """

@@ -4,7 +4,7 @@ loader (folders.load_image) as before.
 
 The fast decoder must never accept what the PIL loader would reject, nor give a different image:
 - a truncated JPEG makes torchvision's decoder fail (its source manager raises when the data runs out
-  before the end-of-image marker, as PIL's loader does; tests/test_fast_decode.py cuts files at many points
+  before the end-of-image marker, as PIL's loader does; tests/unit/test_fast_decode.py cuts files at many points
   to check that both always agree), and any failure falls back to load_image, which names the file and the
   reason exactly as today;
 - colour, grayscale and EXIF-rotated JPEGs decode to the same pixels as PIL's (the same libjpeg-turbo

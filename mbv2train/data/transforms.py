@@ -60,7 +60,7 @@ class CropDrawer:
 
     The rule is v2.RandomResizedCrop's (make_params: up to 10 tries of an area and a log-uniform aspect
     ratio, then a centred fallback), written out because building the transform for every sample cost more
-    than the draws themselves; tests/test_fast_decode.py checks it against torchvision's own, window for
+    than the draws themselves; tests/unit/test_fast_decode.py checks it against torchvision's own, window for
     window, over many seeds and sizes. The draws go into two reused one-element tensors: torch.randint and
     torch.rand are these same in-place draws into a new tensor each time."""
 
@@ -194,7 +194,7 @@ class TrainTransform:
         torch's uint8 resize works on interleaved pixels: with channels-last memory in and out it skips
         repacking its result into planes, ~20% of its time. Where F.resize would resize in uint8 anyway,
         torch's interpolate is called directly, without F.resize's dispatch and checks (~20% more on this
-        path); tests/test_fast_decode.py checks that the values are F.resize's. The collation copies the
+        path); tests/unit/test_fast_decode.py checks that the values are F.resize's. The collation copies the
         images into one contiguous batch, as it copied PILToTensor's (also channels-last) tensors."""
         batch = window.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # the window's one copy
         if not self.native_resize:

@@ -1,6 +1,6 @@
 """Write tests/data/old_last.pt, the mid-epoch last.pt of a tiny run made by the code before the package
 was reorganised into layers (commit 4221183), and old_last_eval.json, what that code's `mbv2 eval --json`
-said of it, for tests/test_old_checkpoint.py.
+said of it, for tests/integration/test_old_checkpoint.py.
 
     git worktree add /tmp/old 4221183
     PYTHONPATH=/tmp/old python tests/data/make_old_checkpoint.py
