@@ -16,19 +16,20 @@ from mbv2train.train.batchnorm_sync import average_running_statistics
 
 class Validator:
     """Validates at each epoch's end. ``stop_check_batches``: how many batches every process has (the
-    fewest over the processes: see the trainer), after each of which ``stop_requested`` is asked;
-    ``per_class_figures(prefix, confusion)`` takes each pass's confusion matrix (train.tb_per_class)."""
+    fewest over the processes: see the trainer), after each of which ``stop_requested`` is asked."""
 
     def __init__(self, loader, runtime: Runtime, sync_bn: bool, per_class: bool, stop_check_batches: int,
-                 stop_requested: Callable[[], bool], faults: Faults, bad_images=None,
-                 per_class_figures: Callable[[str, Any], None] = lambda prefix, confusion: None):
+                 stop_requested: Callable[[], bool], faults: Faults, bad_images=None):
         self.loader, self.runtime, self.sync_bn, self.per_class = loader, runtime, sync_bn, per_class
         self.stop_check_batches, self.stop_requested = stop_check_batches, stop_requested
-        self.faults, self.bad_images, self.per_class_figures = faults, bad_images, per_class_figures
+        self.faults, self.bad_images = faults, bad_images
 
-    def validate(self, epoch: int, model: nn.Module, ema_model: Optional[nn.Module]) -> Optional[dict[str, Any]]:
+    def validate(self, epoch: int, model: nn.Module, ema_model: Optional[nn.Module],
+                 per_class_figures: Callable[[str, Any], None] = lambda prefix, confusion: None
+                 ) -> Optional[dict[str, Any]]:
         """The metrics, prefixed "val_" (and "ema_val_" for the EMA); None when a stop signal came part-way
-        (the caller saves the finished training part; a resume redoes the pass)."""
+        (the caller saves the finished training part; a resume redoes the pass). ``per_class_figures(prefix,
+        confusion)`` takes each pass's confusion matrix (train.tb_per_class) as soon as it is done."""
         evaluations = [("val_", model)] + ([("ema_val_", ema_model)] if ema_model is not None else [])
         # Each process's last forward pass left its own BatchNorm statistics (DDP hands rank 0's out only
         # at the next forward): evaluate and save their mean over the processes, which does not depend on
@@ -50,6 +51,6 @@ class Validator:
             bar.close()
             if metrics is None:
                 return None
-            self.per_class_figures(prefix, metrics.pop("confusion", None))
+            per_class_figures(prefix, metrics.pop("confusion", None))
             row.update({prefix + k: v for k, v in metrics.items()})
         return row
