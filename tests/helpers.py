@@ -244,10 +244,12 @@ class LineReader:
             try:
                 line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no line with {text!r} within {timeout}s; got:\n{self.text(finished=False)}") from None
+                raise AssertionError(f"no line with {text!r} within {timeout}s; "
+                                     f"got:\n{self.text(finished=False)}") from None
             if line is None:
                 self._queue.put(None)
-                raise AssertionError(f"the stream ended without a line with {text!r}; got:\n{self.text(finished=False)}")
+                raise AssertionError(f"the stream ended without a line with {text!r}; "
+                                     f"got:\n{self.text(finished=False)}")
             self.lines.append(line)
             if text in line:
                 return line

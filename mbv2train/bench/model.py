@@ -95,7 +95,7 @@ def train_rate(model, cfg: Config, rt: devices.Runtime, images, labels, steps: i
     for epoch, count in ((0, warmup), (1, steps)):
         metrics, _ = train_one_epoch(model, InMemoryLoader(images, labels, count), optimizer, ConstantLR(),
                                             scaler, rt, settings, epoch=epoch, global_step=0, steps_per_epoch=count,
-                                            done=EpochProgress.from_state(None, rt.device))
+                                            epoch_progress=EpochProgress.from_state(None, rt.device))
     return metrics["img_per_s"]
 
 

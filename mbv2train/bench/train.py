@@ -26,8 +26,8 @@ from mbv2train.data.gpu_decode import DecodeWait, DeviceDecodingLoader
 from mbv2train.devices import resolve_amp, resolve_device
 from mbv2train.distributed import DistInfo
 from mbv2train.errors import ConfigError
-from mbv2train.faults import NO_FAULTS
-from mbv2train.preemption import StopFlag
+from mbv2train.train.build import BuiltRun, build_run
+from mbv2train.train.epoch import EpochHooks, EpochProgress, train_one_epoch
 from mbv2train.words import plural
 
 # Host-device synchronizations that torch.cuda.set_sync_debug_mode cannot see, because a library makes them
@@ -86,15 +86,11 @@ class StepClock:
             torch.cuda.set_sync_debug_mode("error" if self.warmup <= global_step < self.chunk_end else 0)
 
 
-def build_run(cfg: Config):
-    """What `mbv2 train` builds for a run (loaders, model, optimizer, scheduler, scaler, EMA, runtime),
-    without touching its run directory."""
-    from mbv2train.train.trainer import Run
-
+def build_fresh_run(cfg: Config) -> BuiltRun:
+    """What `mbv2 train` builds for a fresh run in one process (train.build_run), without a run directory."""
     device = resolve_device(cfg.train.device)
     # speed does not depend on the weights: no model.pretrained file to fetch or read
-    return Run(cfg, device, resolve_amp(cfg.train.amp, device), DistInfo(), StopFlag(announce=False), NO_FAULTS,
-               pretrained_weights=False)
+    return build_run(cfg, None, device, resolve_amp(cfg.train.amp, device), DistInfo(), pretrained_weights=False)
 
 
 def sync_findings(sync_error: Optional[str], decode: str) -> dict:
@@ -161,7 +157,7 @@ def _timed_steps(cfg: Config, steps: int, warmup: int, sync_debug: bool) -> dict
     # Workers end with each epoch's iterator. Persistent ones live as long as the loader, which the run's
     # objects can keep until the garbage collector frees them; its shutdown of workers that ignore SIGTERM
     # (preemption.py) can leave them running, and the interpreter's exit then waits for them forever.
-    run = build_run(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, persistent_workers=False)))
+    run = build_fresh_run(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, persistent_workers=False)))
     cfg, device = run.cfg, run.device
     if sync_debug and device.type != "cuda":
         raise ConfigError("the sync debug check needs a CUDA device")
@@ -185,10 +181,10 @@ def _timed_steps(cfg: Config, steps: int, warmup: int, sync_debug: bool) -> dict
             count = min(run.steps_per_epoch, total - global_step)
             clock.chunk_end = global_step + count
             run.loaders.train_sampler.set_epoch(epoch)
-            hooks = epoch.EpochHooks(after_step=clock.after_step, bad_images=run.bad_train)
-            metrics, global_step = epoch.train_one_epoch(
-                model, waits, run.optimizer, run.scheduler, run.scaler, run.rt, settings, epoch, global_step,
-                count, epoch.EpochProgress.from_state(None, device), ema=run.ema, mix=mix, hooks=hooks)
+            hooks = EpochHooks(after_step=clock.after_step, bad_images=run.bad_train)
+            metrics, global_step = train_one_epoch(
+                model, waits, run.optimizer, run.scheduler, run.scaler, run.runtime, settings, epoch, global_step,
+                count, EpochProgress.from_state(None, device), ema=run.ema, mix=mix, hooks=hooks)
             loss = metrics["train_loss"]
             say(f"{global_step}/{total} steps, loss {loss:.4f}")
     except RuntimeError as exc:

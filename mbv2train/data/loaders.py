@@ -30,6 +30,7 @@ from mbv2train.data.transforms import TrainTransform, ValTransform
 from mbv2train.distributed import gather_objects
 from mbv2train.errors import DataError
 from mbv2train.preemption import ignore_in_worker
+from mbv2train.progress import is_main_process
 from mbv2train.words import is_or_are, plural
 from mbv2train.shortlist import differences
 
@@ -130,12 +131,11 @@ class BadImageLog:
     """
 
     def __init__(self, split_size: int, max_fraction: float, split: str, folder: str | Path | None = None,
-                 warn: bool = True, processes: int = 1):
+                 processes: int = 1):
         self.split_size = split_size
         self.max_fraction = max_fraction
         self.split = split
         self.folder = folder
-        self.warn = warn  # False on ranks other than 0, so each file is warned about once per run
         self.processes = processes
         self.seen: set[str] = set()  # every process's bad files, as of the last share
         self.unshared: dict[str, None] = {}  # this process's new ones since then, in the order met
@@ -163,7 +163,7 @@ class BadImageLog:
             for path in found:
                 if path not in self.seen:
                     self.seen.add(path)
-                    if self.warn:
+                    if is_main_process():  # each file is warned about once per run, by rank 0
                         print(f"warning: skipped unreadable image {path}", file=sys.stderr, flush=True)
         if len(self.seen) > self.max_fraction * self.split_size:
             folder = self.folder if self.folder is not None else Path(sorted(self.seen)[0]).parent.parent
@@ -279,7 +279,7 @@ def collate_channels_last(items: Sequence[tuple[torch.Tensor, int, str]]):
 
     The transforms leave images channels-last (decoded JPEGs, PILToTensor's output), so the stack is one
     plain copy per image instead of a scatter into planes, and the device step's reorder to channels_last
-    (engine.Runtime.prepare) finds nothing left to do. Pinning and the copy to the device keep the strides."""
+    (devices.Runtime.prepare) finds nothing left to do. Pinning and the copy to the device keep the strides."""
     images = default_collate([image.permute(1, 2, 0) for image, _, _ in items])  # (N, H, W, 3); shared
     labels, bad = default_collate([item[1:] for item in items])  # memory in a worker, as default_collate's
     return images.permute(0, 3, 1, 2), labels, bad

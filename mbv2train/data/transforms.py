@@ -8,7 +8,7 @@ window for the same seed: the window and the flip are drawn by draw_train_crop, 
 pipeline draws them.
 
 Workers never do float math: the float conversion and normalization happen on the device
-(engine.Runtime.prepare).
+(devices.Runtime.prepare).
 """
 
 from __future__ import annotations

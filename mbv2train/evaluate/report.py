@@ -3,7 +3,7 @@ pairs, the CSV files and picture of `mbv2 eval --report`, and the summary Tensor
 
 A confusion matrix here is an integer tensor (classes, classes): row = true class, column = top-1
 prediction, each cell a count of images. Counts (not fractions) are what processes can sum under torchrun
-(engine.evaluate reduces it); everything else is derived from them.
+(evaluate/loop.py reduces it); everything else is derived from them.
 """
 
 from __future__ import annotations

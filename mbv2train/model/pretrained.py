@@ -29,6 +29,7 @@ from torchvision.models import MobileNet_V2_Weights
 from mbv2train import checkpoint as ckpt
 from mbv2train.config import PRETRAINED_TAGS, Config, ModelConfig
 from mbv2train.errors import CheckpointError
+from mbv2train.progress import is_main_process
 from mbv2train.model import HEAD, MobileNetV2
 from mbv2train.words import plural
 from mbv2train.shortlist import shortlist
@@ -104,12 +105,13 @@ def _fetch_torchvision(tag: str, show_progress: bool) -> Path:
     return path
 
 
-def read(model_cfg: ModelConfig, show_progress: bool = True) -> Source:
+def read(model_cfg: ModelConfig, show_progress: Optional[bool] = None) -> Source:
     """The weights model.pretrained names; CheckpointError (one line) for a missing, damaged, foreign or
-    mismatched (model.pretrained_sha256) file, or EMA weights asked of a file that has none."""
+    mismatched (model.pretrained_sha256) file, or EMA weights asked of a file that has none.
+    ``show_progress``: a download's progress bar (by default in the main process only)."""
     name = model_cfg.pretrained
     if name in PRETRAINED_TAGS:
-        path = _fetch_torchvision(name, show_progress)
+        path = _fetch_torchvision(name, is_main_process() if show_progress is None else show_progress)
     else:
         path = pretrained_file(model_cfg)
     sha256 = ckpt.file_sha256(path)

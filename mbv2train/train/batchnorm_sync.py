@@ -20,6 +20,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
+from mbv2train.distributed import all_gather_rows
+from mbv2train.progress import log
+
 
 class ReducedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode batch statistics are those of every process's batch together.
@@ -70,7 +73,7 @@ def _replace_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def synchronize_batchnorm(model: nn.Module, device_type: str, world_size: int,
-                          warn: Callable[[str], None]) -> nn.Module:
+                          warn: Callable[[str], None] = log) -> nn.Module:
     """train.sync_bn: the model with BatchNorm layers that normalize over the global batch (the model itself
     with one process, where there is nothing to synchronize)."""
     if world_size <= 1:
@@ -98,7 +101,6 @@ def average_running_statistics(model: nn.Module) -> None:
         offset += buffer.numel()
 
 
-
 def _running_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [buffer for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
             for buffer in (module.running_mean, module.running_var) if buffer is not None]
@@ -107,8 +109,6 @@ def _running_buffers(model: nn.Module) -> list[torch.Tensor]:
 def gather_running_statistics(model: nn.Module) -> torch.Tensor:
     """Every process's BatchNorm running statistics, one row per rank (a collective: every process calls
     it). A mid-epoch checkpoint keeps them so that each process resumes with its own, as it had them."""
-    from mbv2train.distributed import all_gather_rows
-
     buffers = _running_buffers(model)
     return all_gather_rows(torch.cat([buffer.detach().reshape(-1).float() for buffer in buffers])).cpu()
 

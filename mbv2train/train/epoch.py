@@ -104,7 +104,7 @@ class EpochHooks:
     """What the trainer plugs into an epoch."""
 
     log_step: Optional[Callable[[int, dict], None]] = None  # (global step, values) every log_every_steps
-    # after each optimizer step; may raise. Reading the progress's counts or sums waits for the device:
+    # after each optimizer step; may raise. Reading the epoch's counts or sums waits for the device:
     # do it only at boundaries (a checkpoint: EpochProgress.state settles first)
     after_step: Optional[Callable[[int, EpochProgress], None]] = None
     # data.BadImageLog: warns about and counts substituted images; under torchrun the processes pool theirs
@@ -113,101 +113,133 @@ class EpochHooks:
     faults: Faults = field(default_factory=Faults)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, rt: Runtime, settings: TrainSettings,
-                    epoch: int, global_step: int, steps_per_epoch: int, done: EpochProgress,
-                    ema=None, mix: Callable | None = None, progress: Progress | None = None,
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, scaler, runtime: Runtime,
+                    settings: TrainSettings, epoch: int, global_step: int, steps_per_epoch: int,
+                    epoch_progress: EpochProgress, ema=None, mix: Callable | None = None, bar: Progress | None = None,
                     hooks: Optional[EpochHooks] = None) -> tuple[dict[str, float], int]:
-    """Train the rest of an epoch (``done`` says how much is behind); returns (metrics, global step).
+    """Train the rest of an epoch (``epoch_progress`` says how much is behind); returns (metrics, global step).
 
-    ``loader``'s sampler must already skip the batches of the ``done.steps`` steps; ``done`` is updated as
-    the epoch goes, so ``hooks.after_step`` can checkpoint it. Every micro-step reseeds torch's RNG from
-    (seed, step), so dropout and MixUp/CutMix draws depend only on the position in the run: a resumed run
-    continues exactly.
+    ``loader``'s sampler must already skip the batches of the ``epoch_progress.steps`` steps;
+    ``epoch_progress`` is updated as the epoch goes, so ``hooks.after_step`` can checkpoint it. Every
+    micro-step reseeds torch's RNG from (seed, step), so dropout and MixUp/CutMix draws depend only on the
+    position in the run: a resumed run continues exactly.
 
     A step never waits for the device (step_guard.py): the non-finite check stays on the device and is
-    read at log steps, checkpoints (``done.state()``), the progress bar's refreshes and the epoch's end;
-    it stops the run only at those every process reaches (not at rank 0's progress bar).
+    read at log steps, checkpoints (``epoch_progress.state()``), the progress bar's refreshes and the
+    epoch's end; it stops the run only at those every process reaches (not at rank 0's progress bar).
     """
-    hooks = hooks or EpochHooks()
-    model.train()
+    steps = _EpochSteps(model, loader, optimizer, scheduler, scaler, runtime, settings, epoch, global_step,
+                        epoch_progress, ema, mix, hooks or EpochHooks())
+    if bar is not None:
+        bar.label = steps.figures.label
     accum = settings.accum_steps
-    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    guard = StepGuard(model, optimizer, settings.skip_nonfinite, settings.max_nonfinite_skips, epoch)
-    done.guard = guard
-    update_ema = EmaUpdate(ema, model, settings.ema_decay) if ema is not None else None
-    rank = current_rank()
-    started = time.perf_counter()
-    figures = ProgressFigures(done, guard, mix is None, started, current_world_size())
-    if progress is not None:
-        progress.label = figures.label
-    batches = Prefetcher(loader, rt.device)
-    first_micro, end_micro = done.steps * accum, steps_per_epoch * accum
-    for micro in range(first_micro, end_micro):
-        images, labels, bad = batches.take()
-        if hooks.bad_images is not None and any(bad):
-            hooks.bad_images.record(bad)
-            done.bad_images += sum(1 for path in bad if path)
-        torch.manual_seed(rng.derive_seed(settings.seed, rng.STEP, global_step * accum + micro % accum))
-        images, labels = rt.prepare(images, labels)
-        targets = labels
-        if mix is not None:
-            images, targets = mix(images, labels)
-        if micro % accum == 0:
-            guard.start_step(rt.device)
+    end_micro = steps_per_epoch * accum
+    for micro in range(epoch_progress.steps * accum, end_micro):
         last_micro = (micro + 1) % accum == 0
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with rt.autocast():
-                logits = model(images)
-                loss = criterion(logits, targets)
-            if hooks.faults.nan_loss(global_step + 1, rank, micro % accum + 1):
+        loss = steps.micro_step(micro, last_micro, more_batches=micro + 1 < end_micro)
+        if last_micro:
+            steps.optimizer_step(loss, last_of_epoch=micro + 1 == end_micro)
+        if bar is not None:
+            if bar.due():
+                steps.figures.refresh()  # the host waits for the device here, as often as the bar shows figures
+            bar.update(steps.figures.fields)  # reads figures already on the host: it cannot raise
+    return steps.finish(), steps.global_step
+
+
+class _EpochSteps:
+    """The state of one running epoch, with its two kinds of step: a micro-step (forward and backward
+    of one batch) and an optimizer step (every train.accum_steps micro-steps)."""
+
+    def __init__(self, model, loader, optimizer, scheduler, scaler, runtime: Runtime, settings: TrainSettings,
+                 epoch: int, global_step: int, epoch_progress: EpochProgress, ema, mix, hooks: EpochHooks):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.runtime, self.settings, self.global_step, self.progress = runtime, settings, global_step, epoch_progress
+        self.mix, self.hooks = mix, hooks
+        model.train()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+        self.guard = StepGuard(model, optimizer, settings.skip_nonfinite, settings.max_nonfinite_skips, epoch)
+        epoch_progress.guard = self.guard
+        self.update_ema = EmaUpdate(ema, model, settings.ema_decay) if ema is not None else None
+        self.rank = current_rank()
+        self.started = time.perf_counter()
+        self.figures = ProgressFigures(epoch_progress, self.guard, mix is None, self.started, current_world_size())
+        self.batches = Prefetcher(loader, runtime.device)
+
+    def micro_step(self, micro: int, last_micro: bool, more_batches: bool) -> torch.Tensor:
+        """Forward and backward of the next batch, the ``micro``-th of the epoch; returns its loss."""
+        accum, progress, guard = self.settings.accum_steps, self.progress, self.guard
+        images, labels, bad = self.batches.take()
+        if self.hooks.bad_images is not None and any(bad):
+            self.hooks.bad_images.record(bad)
+            progress.bad_images += sum(1 for path in bad if path)
+        torch.manual_seed(rng.derive_seed(self.settings.seed, rng.STEP, self.global_step * accum + micro % accum))
+        images, labels = self.runtime.prepare(images, labels)
+        targets = labels
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+        if micro % accum == 0:
+            guard.start_step(self.runtime.device)
+        no_sync = not last_micro and hasattr(self.model, "no_sync")  # DDP: all-reduce the last micro-step only
+        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            with self.runtime.autocast():
+                logits = self.model(images)
+                loss = self.criterion(logits, targets)
+            if self.hooks.faults.nan_loss(self.global_step + 1, self.rank, micro % accum + 1):
                 loss = loss * float("nan")
-            guard.add(loss, logits, labels, count_correct=mix is None)
+            guard.add(loss, logits, labels, count_correct=self.mix is None)
             if last_micro:
                 guard.agree()  # under torchrun, a NaN on one process must undo the step on all of them
-            if micro + 1 < end_micro:
-                batches.fetch()  # the next batch's copy to the device overlaps this backward pass
-            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+            if more_batches:
+                self.batches.fetch()  # the next batch's copy to the device overlaps this backward pass
+            scaled = self.scaler.scale(loss / accum) if self.scaler is not None else loss / accum
+            scaled.backward()
+        return loss
 
-        if last_micro:
-            done.lr = optimizer.param_groups[0]["lr"]
-            skipped = guard.finish_step(optimizer, scaler, settings.grad_clip_norm, done, global_step + 1)
-            with warnings.catch_warnings():
-                # a step skipped (by us or by fp16's GradScaler) still uses up its place on the LR curve
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-                scheduler.step()
-            global_step += 1
-            done.steps += 1
-            if update_ema is not None and global_step % settings.ema_every_steps == 0:
-                update_ema(skipped)
-            at_log_step = hooks.log_step is not None and global_step % settings.log_every_steps == 0
-            if at_log_step:
-                done.settle()
-                if hooks.bad_images is not None:
-                    hooks.bad_images.share()
-                hooks.log_step(global_step, {"loss": loss.item(), "lr": done.lr})
-            if at_log_step or micro + 1 == end_micro:
-                figures.share()
-            hooks.faults.after_step(global_step, rank)
-            if hooks.after_step is not None:
-                hooks.after_step(global_step, done)
-        if progress is not None:
-            progress.update(figures.fields)
+    def optimizer_step(self, loss: torch.Tensor, last_of_epoch: bool) -> None:
+        """The optimizer, LR and EMA step after the step's last micro-step, then its hooks."""
+        settings, progress, hooks = self.settings, self.progress, self.hooks
+        progress.lr = self.optimizer.param_groups[0]["lr"]
+        skipped = self.guard.finish_step(self.optimizer, self.scaler, settings.grad_clip_norm, progress,
+                                         self.global_step + 1)
+        with warnings.catch_warnings():
+            # a step skipped (by us or by fp16's GradScaler) still uses up its place on the LR curve
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
+        self.global_step += 1
+        progress.steps += 1
+        if self.update_ema is not None and self.global_step % settings.ema_every_steps == 0:
+            self.update_ema(skipped)
+        at_log_step = hooks.log_step is not None and self.global_step % settings.log_every_steps == 0
+        if at_log_step:
+            progress.settle()  # the host waits for the device: the steps' flags, and the loss below
+            if hooks.bad_images is not None:
+                hooks.bad_images.share()
+            hooks.log_step(self.global_step, {"loss": loss.item(), "lr": progress.lr})
+        if at_log_step or last_of_epoch:
+            self.figures.share()
+        hooks.faults.after_step(self.global_step, self.rank)
+        if hooks.after_step is not None:
+            hooks.after_step(self.global_step, progress)
 
-    done.settle()
-    if hooks.bad_images is not None:
-        hooks.bad_images.share()
-    done.guard = None  # its snapshots are as large as the weights: let them go now
-    counts = torch.tensor([float(done.seen), float(guard.images_taken), float(done.bad_images)], device=rt.device)
-    totals = all_reduce_sum(torch.cat([torch.stack([done.loss_sum.float(), done.correct.float()]), counts]))
-    elapsed = time.perf_counter() - started  # after the reduction, which waits for the device
-    loss_total, correct_total, seen_total, seen_here_total, bad_total = totals.tolist()
-    metrics = {"train_loss": loss_total / max(seen_total, 1), "train_images": int(seen_total), "lr": done.lr,
-               "img_per_s": seen_here_total / elapsed, "epoch_time_s": elapsed,
-               "data_time_frac": batches.waited / elapsed, "bad_images": int(bad_total),
-               "nonfinite_skips": done.nonfinite_skips}
-    if scaler is not None:
-        metrics["scaler_skips"] = done.scaler_skips
-    if mix is None:
-        metrics["train_top1"] = correct_total / max(seen_total, 1)
-    return metrics, global_step
+    def finish(self) -> dict[str, float]:
+        """The epoch's metrics, summed over the processes (a wait for the device)."""
+        progress, guard = self.progress, self.guard
+        progress.settle()
+        if self.hooks.bad_images is not None:
+            self.hooks.bad_images.share()
+        progress.guard = None  # its snapshots are as large as the weights: let them go now
+        counts = torch.tensor([float(progress.seen), float(guard.images_taken), float(progress.bad_images)],
+                              device=self.runtime.device)
+        totals = all_reduce_sum(torch.cat([torch.stack([progress.loss_sum.float(), progress.correct.float()]),
+                                           counts]))
+        elapsed = time.perf_counter() - self.started  # after the reduction, which waits for the device
+        loss_total, correct_total, seen_total, seen_here_total, bad_total = totals.tolist()
+        metrics = {"train_loss": loss_total / max(seen_total, 1), "train_images": int(seen_total), "lr": progress.lr,
+                   "img_per_s": seen_here_total / elapsed, "epoch_time_s": elapsed,
+                   "data_time_frac": self.batches.waited / elapsed, "bad_images": int(bad_total),
+                   "nonfinite_skips": progress.nonfinite_skips}
+        if self.scaler is not None:
+            metrics["scaler_skips"] = progress.scaler_skips
+        if self.mix is None:
+            metrics["train_top1"] = correct_total / max(seen_total, 1)
+        return metrics

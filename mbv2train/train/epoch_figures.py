@@ -18,13 +18,14 @@ from mbv2train.distributed import all_reduce_sum
 
 
 class ProgressFigures:
-    """The figures of one process's epoch (``done``: engine.EpochProgress, ``guard``: its StepGuard) for
+    """The figures of one process's epoch (``progress``: epoch.EpochProgress, ``guard``: its StepGuard) for
     the progress line, over ``processes`` processes."""
 
-    def __init__(self, done, guard, with_top1: bool, started: float, processes: int):
-        self.done, self.guard, self.with_top1, self.started = done, guard, with_top1, started
+    def __init__(self, progress, guard, with_top1: bool, started: float, processes: int):
+        self.progress, self.guard, self.with_top1, self.started = progress, guard, with_top1, started
         self.processes = processes
         self.shared: dict[str, str] = {}  # all processes' figures, as of the last share()
+        self.shown: dict[str, str] = {}  # this process's, as of the last refresh()
 
     @property
     def label(self) -> str:
@@ -36,23 +37,31 @@ class ProgressFigures:
         every process calls it at the same steps (log steps, the epoch's last step); alone, nothing."""
         if self.processes == 1:
             return
-        done = self.done
-        done.settle()
-        device = done.loss_sum.device
-        counts = torch.tensor([float(done.seen), float(self.guard.images_taken)], device=device)
-        sums = all_reduce_sum(torch.cat([torch.stack([done.loss_sum.float(), done.correct.float()]), counts]))
+        progress = self.progress
+        progress.settle()
+        device = progress.loss_sum.device
+        counts = torch.tensor([float(progress.seen), float(self.guard.images_taken)], device=device)
+        sums = all_reduce_sum(torch.cat([torch.stack([progress.loss_sum.float(), progress.correct.float()]), counts]))
         self.shared = self._figures(*sums.tolist())
 
-    def fields(self) -> dict[str, str]:
-        """The line's figures: this process's, read now, or all processes' as of the last share()."""
+    def refresh(self) -> None:
+        """Read this process's figures now (a wait for the device; nothing under torchrun, whose line
+        shows all processes' as of the last share()). Reads the step flags without stopping the run: a
+        breach of train.nonfinite is raised where every process looks (step_guard.py)."""
         if self.processes > 1:
-            return self.shared
-        self.guard.read(self.done)  # rank 0's own look: counts without stopping (step_guard.py)
-        return self._figures(self.done.loss_sum.item(), self.done.correct.item(), self.done.seen,
-                             self.guard.images_taken)
+            return
+        self.guard.read(self.progress)  # rank 0's own look: counts without stopping (step_guard.py)
+        progress = self.progress
+        self.shown = self._figures(progress.loss_sum.item(), progress.correct.item(), progress.seen,
+                                   self.guard.images_taken)
+
+    def fields(self) -> dict[str, str]:
+        """The line's figures, as the last refresh() or share() read them: plain values on the host, so
+        that the progress bar's callback never waits or raises."""
+        return self.shared if self.processes > 1 else self.shown
 
     def _figures(self, loss_sum: float, correct: float, seen: float, images_taken: float) -> dict[str, str]:
-        figures = {"loss": f"{loss_sum / max(seen, 1):.4f}", "lr": f"{self.done.lr:.4g}"}
+        figures = {"loss": f"{loss_sum / max(seen, 1):.4f}", "lr": f"{self.progress.lr:.4g}"}
         if self.with_top1:
             figures["top1"] = f"{correct / max(seen, 1):.3f}"
         figures["img/s"] = f"{images_taken / (time.perf_counter() - self.started):.0f}"

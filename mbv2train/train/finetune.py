@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mbv2train.distributed import DistInfo
 from mbv2train.model import MobileNetV2
@@ -51,8 +52,6 @@ class TrainingModel:
         self.model.freeze_backbone(frozen)
         self.module = self.compiled
         if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
             # The old wrapper's gradients are views of its buckets: let the new one make its own.
             self.model.zero_grad(set_to_none=True)
             device_ids = [self.device.index] if self.device.type == "cuda" else None

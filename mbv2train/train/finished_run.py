@@ -19,9 +19,9 @@ from mbv2train.words import plural
 
 
 def left_finished(state: Optional[dict[str, Any]], cfg: Config, resume: Optional[str], allow_changes: Sequence[str],
-                  world_size: int, say: bool) -> bool:
+                  world_size: int, is_main: bool) -> bool:
     """Whether ``state`` has already trained all of cfg's train.epochs. Such a run is left as it is: a config
-    that changes the experiment is still refused (as any resume), rank 0 (``say``) finishes the copies to
+    that changes the experiment is still refused (as any resume), rank 0 (``is_main``) finishes the copies to
     best.pt and epoch_N.pt that a kill interrupted, and one line says the run is done; nothing else is
     read, written or logged."""
     if state is None or state["epoch"] < cfg.train.epochs:
@@ -34,14 +34,14 @@ def left_finished(state: Optional[dict[str, Any]], cfg: Config, resume: Optional
 
     run_dir, auto = Path(cfg.train.output_dir), resume in (None, "auto")
     folder = run_dir if auto else Path(resume).parent  # where the checkpoint and its best.pt are
-    if say and folder.resolve() == run_dir.resolve():
+    if is_main and folder.resolve() == run_dir.resolve():
         for line in run_state.restore_derived_copies(state, run_dir, cfg.train.save_every_epochs,
                                                      cfg.train.keep_checkpoints):
             log(f"warning: {line}")
-    done = state["epoch"]
-    line = f"nothing to train: {run_dir if auto else resume} already finished its {plural(done, 'epoch')}"
+    trained = state["epoch"]
+    line = f"nothing to train: {run_dir if auto else resume} already finished its {plural(trained, 'epoch')}"
     if state.get("best_value") is not None:
         line += (f"; best {state['best_metric']} {state['best_value']:.4f} (epoch {state.get('best_epoch')}) "
                  f"in {folder / ckpt.BEST}")
-    log(line, say)
+    log(line)
     return True

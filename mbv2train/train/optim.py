@@ -19,7 +19,7 @@ Weight decay is added to the gradient (L2) for sgd and rmsprop, as TensorFlow's 
 decoupled for adamw.
 
 On CUDA the optimizers keep all their state on the GPU (fused kernels for sgd and adamw, ``capturable``
-for rmsprop), so that a training step can be undone on the device without the host looking (engine.py,
+for rmsprop), so that a training step can be undone on the device without the host looking (epoch.py,
 step_guard.py); on the CPU they are torch's defaults. An optimizer keeps these options when a checkpoint
 saved on another kind of device is loaded into it (keep_device_options).
 """

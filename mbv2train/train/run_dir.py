@@ -1,4 +1,5 @@
-"""A run that fails before its first checkpoint takes back what it put into the run directory.
+"""The run directory: opened (config.yaml, metrics.jsonl, TensorBoard) by rank 0, and taken back when a
+run fails before its first checkpoint.
 
 Until last.pt is written, config.yaml, tb/ and metrics.jsonl describe a run that cannot be resumed or
 evaluated: left behind, they look like a run that happened, and the next attempt writes its curves over
@@ -14,9 +15,40 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
+import yaml
+
+from mbv2train.config import Config
 from mbv2train.config.preflight import LAST_CHECKPOINT
+from mbv2train.errors import ConfigError
+from mbv2train.progress import is_main_process
+from mbv2train.train.tracking import NullTracker, Tracker, append_event, augmented_samples, truncate_metrics
 
 DEPTH = 2  # levels of the run directory looked at: its own files, and those in its tb/
+
+
+def open_run_dir(run_dir: Path, cfg: Config, epoch: int, global_step: int, fresh: bool, allowed: list[str],
+                 train_loader) -> Tracker | NullTracker:
+    """Create the run directory (rank 0 only), write its config.yaml, drop the metrics rows past the
+    checkpoint at (``epoch``, ``global_step``), note the ``allowed`` changes, and return its tracker (a
+    NullTracker on the other processes)."""
+    if not is_main_process():
+        return NullTracker()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"train.output_dir: cannot create {run_dir}: {exc.strerror or exc}") from None
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    # Rows and curves past the checkpoint belong to an attempt that died before saving: drop them.
+    metrics = run_dir / "metrics.jsonl"
+    truncate_metrics(metrics, epoch)
+    if allowed:
+        append_event(metrics, {"event": "allowed_change", "epoch": epoch, "step": global_step, "changes": allowed})
+    tracker = Tracker(run_dir, purge_step=0 if fresh else global_step + 1)
+    if fresh:
+        tracker.hparams(cfg.to_dict())
+        if cfg.train.tb_images:
+            tracker.images(augmented_samples(train_loader, cfg.train.tb_images))
+    return tracker
 
 
 @contextlib.contextmanager
@@ -69,7 +101,7 @@ def _take_back(run_dir: Path, there: set[str], new_parents: list[Path]) -> None:
                 parent.rmdir()
         return
     # listed first, removed after: a folder removed while walking would be walked into
-    for relative, full in [entry for entry in _entries(run_dir) if entry[0] not in there]:
+    for _relative, full in [entry for entry in _entries(run_dir) if entry[0] not in there]:
         if os.path.isdir(full) and not os.path.islink(full):
             shutil.rmtree(full, ignore_errors=True)
         else:

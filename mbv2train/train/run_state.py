@@ -9,9 +9,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from mbv2train import checkpoint as ckpt
+from mbv2train.config import Config
+from mbv2train.distributed import barrier
+from mbv2train.progress import log
 from mbv2train.errors import CheckpointError, ConfigError
 from mbv2train.words import plural
 from mbv2train.config.preflight import fresh_run_dir
+from mbv2train.train.rescale import saved_global_batch
 
 # Settings that change where files are or how fast things run, not what is computed. Any other
 # difference between the saved config and the resumed one would make the run a different experiment.
@@ -78,21 +82,18 @@ def restore(state: dict[str, Any], *, model, ema, optimizer, scheduler, scaler) 
         scaler.load_state_dict(state["scaler"])
 
 
-def prepare_resume(resume: Optional[str], run_dir: Path, say: bool, restart: int = 0) -> Optional[dict[str, Any]]:
-    """The checkpoint a run continues from (None: a fresh run), after rank 0 (``say``) has finished or
+def prepare_resume(resume: Optional[str], run_dir: Path, is_main: bool, restart: int = 0
+                   ) -> Optional[dict[str, Any]]:
+    """The checkpoint a run continues from (None: a fresh run), after rank 0 (``is_main``) has finished or
     undone the checkpoint writes a crash interrupted; every process calls it. ``restart``: how many times
     torchrun has restarted the group (restart_state)."""
-    from mbv2train.distributed import barrier
-    from mbv2train.progress import log
-
-    warn = lambda message: log(message, say)  # noqa: E731
-    if say:
+    if is_main:
         for line in ckpt.recover_interrupted_writes(run_dir):
-            warn(f"warning: {line}")
+            log(f"warning: {line}")
     barrier()  # every process then reads the checkpoints rank 0 has put in order
     if restart:
-        return restart_state(resume, run_dir, restart, warn)
-    return find_resume_state(resume, run_dir, warn)
+        return restart_state(resume, run_dir, restart, log)
+    return find_resume_state(resume, run_dir, log)
 
 
 def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str], None]
@@ -115,22 +116,22 @@ def find_resume_state(resume: Optional[str], run_dir: Path, warn: Callable[[str]
     return state
 
 
-def restart_state(resume: Optional[str], run_dir: Path, restart: int, say: Callable[[str], None]
+def restart_state(resume: Optional[str], run_dir: Path, restart: int, warn: Callable[[str], None]
                   ) -> Optional[dict[str, Any]]:
     """The checkpoint a group that torchrun restarted continues from, named in one line: the newest in the
     run dir, or --resume PATH when nothing there is newer. The attempt that failed started from PATH and
     may have saved since; going back to PATH would overwrite that progress with older weights."""
-    state, path, only_damaged = _newest_in(run_dir, say)
+    state, path, only_damaged = _newest_in(run_dir, warn)
     if resume not in (None, "auto"):
-        given = find_resume_state(resume, run_dir, say)
+        given = find_resume_state(resume, run_dir, warn)
         if state is None or ckpt.position(given) >= ckpt.position(state):
             state, path = given, Path(resume)
     elif only_damaged:
         raise CheckpointError(f"no valid checkpoint left in {run_dir} to resume from")
     if state is None:
-        say(f"torchrun restart {restart}: no checkpoint in {run_dir} yet; starting afresh")
+        warn(f"torchrun restart {restart}: no checkpoint in {run_dir} yet; starting afresh")
     else:
-        say(f"torchrun restart {restart}: resuming from {path}")
+        warn(f"torchrun restart {restart}: resuming from {path}")
     return state
 
 
@@ -195,8 +196,6 @@ def check_config_changes(state: dict[str, Any], config: dict, world_size: int, a
             raise ConfigError(f"--allow-change {key}: not a config key")
     refused, harmless = config_changes(_with_defaults(state["config"]), config)
     if state.get("world_size", 1) != world_size:
-        from mbv2train.train.rescale import saved_global_batch
-
         now = config["data"]["batch_size"] * world_size * config["train"]["accum_steps"]
         if now == saved_global_batch(state):  # rescale.keep_global_batch split it anew: the same experiment
             refused = [line for line in refused if line.split(":")[0] not in ("data.batch_size", "train.accum_steps")]
@@ -214,8 +213,6 @@ def check_config_changes(state: dict[str, Any], config: dict, world_size: int, a
 def _with_defaults(saved: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """A saved config with the keys added since it was written at their defaults, which is what that run
     did: a key that did not exist yet cannot have been set to anything else."""
-    from mbv2train.config import Config
-
     defaults = Config().to_dict()
     return {section: {**defaults.get(section, {}), **saved.get(section, {})} for section in {*defaults, *saved}}
 

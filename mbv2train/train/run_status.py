@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from mbv2train import launch
 from mbv2train.errors import UserError
 from mbv2train.preemption import Preempted
 
@@ -109,8 +110,6 @@ def records_run_status(command):
 
 def _write(path: Path, record: dict, rank_0_only: bool = False, replace: bool = True) -> None:
     if rank_0_only:
-        from mbv2train import launch
-
         if launch.rank() != 0:
             return
     try:

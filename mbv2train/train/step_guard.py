@@ -201,29 +201,29 @@ class StepGuard:
         which it overlaps), so that all of them undo the step or none does."""
         self._agreed = any_rank_later(self.nonfinite)
 
-    def finish_step(self, optimizer, scaler, clip_norm: Optional[float], done, step: int) -> torch.Tensor:
+    def finish_step(self, optimizer, scaler, clip_norm: Optional[float], progress, step: int) -> torch.Tensor:
         """The optimizer step, undone with the BatchNorm statistics if the step is bad, and the step's sums
-        into ``done`` if it is not. Returns the flag (a boolean device tensor) for the EMA."""
+        into ``progress`` if it is not. Returns the flag (a boolean device tensor) for the EMA."""
         skip = self._agreed() if self._agreed is not None else self.nonfinite
         self._agreed = None
         scaler_skip = optimizer_step(self.parameters, optimizer, scaler, clip_norm, skip, self.weights,
                                      self.keep_grads)
         self.buffers.undo_if(skip)
-        done.loss_sum += self.loss_sum.masked_fill(skip, 0)  # a NaN times 0 would still be NaN: select
-        done.correct += self.correct.masked_fill(skip, 0)
+        progress.loss_sum += self.loss_sum.masked_fill(skip, 0)  # a NaN times 0 would still be NaN: select
+        progress.correct += self.correct.masked_fill(skip, 0)
         scaler_skip = torch.zeros_like(skip) if scaler_skip is None else scaler_skip
         self.pending.append((step, skip, scaler_skip, self.images))
         return skip
 
-    def settle(self, done) -> None:
-        """Read the flags of the steps since the last call (one wait for the device) into ``done``'s
+    def settle(self, progress) -> None:
+        """Read the flags of the steps since the last call (one wait for the device) into ``progress``'s
         counts; raise NonFiniteLoss where train.nonfinite says so. Under torchrun a collective decision:
         call it only where every process does (log steps, checkpoints, the epoch's end)."""
-        self.read(done)
+        self.read(progress)
         if self.failure is not None:
             raise self.failure
 
-    def read(self, done) -> None:
+    def read(self, progress) -> None:
         """``settle`` without the raise: the counts, and the first breach of train.nonfinite kept for the
         next ``settle``. For what one process does alone, such as rank 0's progress line: a raise there
         would leave the other processes waiting for it in their next collective."""
@@ -237,16 +237,16 @@ class StepGuard:
                     self._fail(f"non-finite loss at step {step} (epoch {self.epoch}); "
                                f"the last checkpoint holds finite weights")
                     continue
-                done.nonfinite_skips += 1
+                progress.nonfinite_skips += 1
                 self.in_a_row += 1
                 if self.in_a_row >= self.max_skips:
                     self._fail(f"{self.in_a_row} non-finite losses in a row, the last at step {step}; "
                                f"giving up (train.max_nonfinite_skips)")
             else:
                 self.in_a_row = 0
-                done.seen += images
+                progress.seen += images
                 self.images_taken += images
-                done.scaler_skips += int(scaler_skipped)
+                progress.scaler_skips += int(scaler_skipped)
 
     def _fail(self, message: str) -> None:
         if self.failure is None:  # the first breach names the step the run stopped for

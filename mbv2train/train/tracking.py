@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from torchvision.utils import make_grid
+
+from mbv2train.evaluate import report as eval_report
 
 METRICS_FILE = "metrics.jsonl"
 TIMING_FIELDS = ("img_per_s", "epoch_time_s", "data_time_frac", "val_time_s")
@@ -20,8 +25,6 @@ TIMING_FIELDS = ("img_per_s", "epoch_time_s", "data_time_frac", "val_time_s")
 
 class Tracker:
     def __init__(self, run_dir: Path, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
-
         self.metrics_path = run_dir / METRICS_FILE
         # purge_step drops events a killed run wrote after its last checkpoint, so curves don't fork.
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
@@ -41,8 +44,6 @@ class Tracker:
         self.writer.flush()
 
     def images(self, batch_uint8: torch.Tensor, tag: str = "train/augmented_images") -> None:
-        from torchvision.utils import make_grid
-
         self.writer.add_image(tag, make_grid(batch_uint8.cpu(), nrow=int(math.sqrt(len(batch_uint8))) or 1))
 
     def per_class(self, prefix: str, confusion: torch.Tensor | None, classes: list[str], step: int) -> None:
@@ -51,8 +52,6 @@ class Tracker:
         ``confusion`` is None (train.tb_per_class is off)."""
         if confusion is None:
             return
-        from mbv2train.evaluate import report as eval_report
-
         summary = eval_report.summarize(confusion, classes)
         name = prefix.rstrip("_")
         self.writer.add_text(f"per_class/{name}", eval_report.markdown(summary), step)
@@ -62,8 +61,6 @@ class Tracker:
 
     def hparams(self, config: dict[str, dict[str, Any]]) -> None:
         """The flattened config in TensorBoard's HParams tab, tied to the epoch/val_top1 curve."""
-        from torch.utils.tensorboard.summary import hparams
-
         flat = {}
         for section, values in config.items():
             for key, value in values.items():

@@ -313,7 +313,8 @@ def test_a_missing_extra_says_how_to_install_it(cli, trained_digits, monkeypatch
     assert module in result.stderr and f"pip install 'mbv2train[{extra}]'" in result.stderr
 
 
-def test_the_deploy_doc_lines_run_the_onnx_model_without_mbv2_and_name_evals_class(trained_digits, onnx_export, tmp_path):
+def test_the_deploy_doc_lines_run_the_onnx_model_without_mbv2_and_name_evals_class(trained_digits, onnx_export,
+                                                                                     tmp_path):
     from PIL import Image
 
     root, ckpt = trained_digits

@@ -254,7 +254,8 @@ def test_interrupted_writes_promote_only_a_complete_newer_checkpoint(tmp_path):
     lines = recover_interrupted_writes(tmp_path)
     assert sorted(line.split()[0] for line in lines) == ["recovered", "removed", "removed"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
-    assert (load_ckpt(tmp_path / "last.pt")["global_step"], load_ckpt(tmp_path / "previous.pt")["global_step"]) == (6, 4)
+    saved = load_ckpt(tmp_path / "last.pt"), load_ckpt(tmp_path / "previous.pt")
+    assert (saved[0]["global_step"], saved[1]["global_step"]) == (6, 4)
 
 
 def test_a_damaged_last_checkpoint_does_not_push_out_a_good_previous_one(tmp_path):
@@ -265,7 +266,8 @@ def test_a_damaged_last_checkpoint_does_not_push_out_a_good_previous_one(tmp_pat
     (tmp_path / "last.pt").write_bytes(b"truncated")
     torch.save({**good, "global_step": 4}, tmp_path / ".last.pt.abc123.tmp")
     recover_interrupted_writes(tmp_path)
-    assert (load_ckpt(tmp_path / "last.pt")["global_step"], load_ckpt(tmp_path / "previous.pt")["global_step"]) == (4, 2)
+    saved = load_ckpt(tmp_path / "last.pt"), load_ckpt(tmp_path / "previous.pt")
+    assert (saved[0]["global_step"], saved[1]["global_step"]) == (4, 2)
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(tiny_config, tmp_path, uninterrupted, capsys):

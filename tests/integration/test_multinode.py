@@ -30,7 +30,8 @@ def test_two_nodes_of_two_processes_train_exactly_as_four_processes_on_one_node(
     assert one_node.returncode == 0, one_node.stderr[-3000:]
 
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                               "--rdzv-backend", "c10d",
                                "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
                                *program(image_root, tmp_path / "two_nodes")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -17,10 +17,11 @@ import yaml
 from helpers import TINY_RUN, load_ckpt, make_image_folder, metric_rows, run_ckpt, run_metrics
 from mbv2train.config import load_config
 from mbv2train.distributed import DistInfo
-from mbv2train.faults import NO_FAULTS, Faults
-from mbv2train.preemption import Preempted, StopFlag
+from mbv2train.faults import Faults
+from mbv2train.preemption import Preempted
 from mbv2train.model.pretrained import torchvision_file
-from mbv2train.train.trainer import Run, fit
+from mbv2train.train.build import BuiltRun, build_run as build
+from mbv2train.train.trainer import fit
 
 HEAD_KEYS = ("classifier.1.weight", "classifier.1.bias")
 
@@ -44,9 +45,9 @@ def torchvision_weights(path: Path, width_mult: float = 0.25, num_classes: int =
     return path
 
 
-def build_run(cfg) -> Run:
+def build_run(cfg) -> BuiltRun:
     """What `mbv2 train` has built just before its first step."""
-    return Run(cfg, torch.device("cpu"), None, DistInfo(), StopFlag(announce=False), NO_FAULTS)
+    return build(cfg, None, torch.device("cpu"), None, DistInfo())
 
 
 def sha256(path: Path) -> str:

@@ -174,7 +174,7 @@ def parts_for(model, optimizer="sgd", amp=None, ema=True, steps=STEPS) -> Simple
         model=model, device=device, optimizer=opt, ema=averaged,
         scheduler=optim.build_scheduler(opt, ScheduleConfig(warmup_epochs=0.5), epochs=1, steps_per_epoch=steps),
         scaler=torch.amp.GradScaler(device.type) if amp == torch.float16 else None,
-        rt=devices.Runtime.create(device, amp, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+        runtime=devices.Runtime.create(device, amp, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
 
 
 def run_epoch(parts, *, accum=1, skip=False, clip=1.0, faults=None, after_step=None, log_every=10**6,
@@ -185,12 +185,12 @@ def run_epoch(parts, *, accum=1, skip=False, clip=1.0, faults=None, after_step=N
                                     log_every_steps=log_every, skip_nonfinite=skip, max_nonfinite_skips=3)
     hooks = EpochHooks(log_step=log_step or (lambda step, values: None), after_step=after_step,
                               faults=faults or Faults())
-    progress = Progress(steps * accum, "test", log_every=10**6, enabled=True)
+    bar = Progress(steps * accum, "test", log_every=10**6, enabled=True)
     batches = tiny_batches(steps * accum, pin=parts.device.type == "cuda")
     metrics, _ = train_one_epoch(parts.model, batches, parts.optimizer, parts.scheduler, parts.scaler,
-                                        parts.rt, settings, epoch=1, global_step=0, steps_per_epoch=steps,
-                                        done=EpochProgress.from_state(None, parts.device), ema=parts.ema,
-                                        progress=progress, hooks=hooks)
+                                        parts.runtime, settings, epoch=1, global_step=0, steps_per_epoch=steps,
+                                        epoch_progress=EpochProgress.from_state(None, parts.device), ema=parts.ema,
+                                        bar=bar, hooks=hooks)
     return metrics
 
 
@@ -458,11 +458,11 @@ def test_rank_0s_progress_line_reads_the_flags_but_only_a_boundary_every_process
     settings = TrainSettings(seed=0, log_every_steps=4)
     hooks = EpochHooks(log_step=lambda step, values: None, faults=Faults(nan_loss_at_step=2),
                               after_step=lambda step, done: steps.append(step))
-    progress = Progress(STEPS, "test", log_every=1, enabled=True)  # numbers after every step
+    bar = Progress(STEPS, "test", log_every=1, enabled=True)  # numbers after every step
     with pytest.raises(NonFiniteLoss, match=r"^non-finite loss at step 2 "):
-        train_one_epoch(parts.model, tiny_batches(STEPS), parts.optimizer, parts.scheduler, None, parts.rt,
+        train_one_epoch(parts.model, tiny_batches(STEPS), parts.optimizer, parts.scheduler, None, parts.runtime,
                                settings, epoch=1, global_step=0, steps_per_epoch=STEPS,
-                               done=EpochProgress.from_state(None, parts.device), progress=progress,
+                               epoch_progress=EpochProgress.from_state(None, parts.device), bar=bar,
                                hooks=hooks)
     assert steps == [1, 2, 3]  # step 4's log step stopped it, before its checkpoint hook
 

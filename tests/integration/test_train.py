@@ -8,7 +8,8 @@ import yaml
 
 from helpers import metric_rows, run_ckpt, run_metrics
 from mbv2train.errors import CheckpointError, ConfigError, DataError
-from mbv2train.train.trainer import fit, without_timing
+from mbv2train.train.tracking import without_timing
+from mbv2train.train.trainer import fit
 
 ROW_KEYS = {"epoch", "world_size", "global_batch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "img_per_s",
             "epoch_time_s"}

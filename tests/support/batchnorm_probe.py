@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mbv2train.train import trainer
+from mbv2train.train import checkpointer, validator
 from mbv2train.cli import app
 
 
@@ -22,21 +22,21 @@ def running_statistics(model) -> dict[str, torch.Tensor]:
 def main() -> None:
     out, args = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ["RANK"])
-    average = trainer.average_running_statistics
+    average = validator.average_running_statistics
 
     def recording_average(model) -> None:
         torch.save(running_statistics(model), out / f"before_average_rank{rank}.pt")
         average(model)
 
-    after_step = trainer.Run._after_step
+    after_step = checkpointer.Checkpointer.after_step
 
-    def recording_after_step(self, epoch, global_step, done) -> None:
+    def recording_after_step(self, global_step, epoch_progress) -> None:
         if global_step == 1:
-            torch.save(running_statistics(self.model), out / f"step1_rank{rank}.pt")
-        after_step(self, epoch, global_step, done)
+            torch.save(running_statistics(self.models["model"]), out / f"step1_rank{rank}.pt")
+        after_step(self, global_step, epoch_progress)
 
-    trainer.average_running_statistics = recording_average
-    trainer.Run._after_step = recording_after_step
+    validator.average_running_statistics = recording_average
+    checkpointer.Checkpointer.after_step = recording_after_step
     app(args)
 
 

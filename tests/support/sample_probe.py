@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from mbv2train import devices
-from mbv2train.train import step_guard, trainer
+from mbv2train.train import checkpointer, step_guard
 from mbv2train.cli import app
 from mbv2train.data.loaders import SeededDataset
 
@@ -55,18 +55,18 @@ def main() -> None:
         sums.flush()
         add(self, loss, logits, labels, count_correct)
 
-    after_step = trainer.Run._after_step
+    after_step = checkpointer.Checkpointer.after_step
 
-    def recording_after_step(self, epoch, global_step, done):
+    def recording_after_step(self, global_step, epoch_progress):
         if rank == 0:
             with open(out / "lr.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": global_step, "lr": done.lr}) + "\n")
-        after_step(self, epoch, global_step, done)
+                f.write(json.dumps({"step": global_step, "lr": epoch_progress.lr}) + "\n")
+        after_step(self, global_step, epoch_progress)
 
     SeededDataset.__getitem__ = recording_getitem
     devices.Runtime.prepare = recording_prepare
     step_guard.StepGuard.add = recording_add
-    trainer.Run._after_step = recording_after_step
+    checkpointer.Checkpointer.after_step = recording_after_step
     app(args)
 
 
