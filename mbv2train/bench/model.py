@@ -87,29 +87,30 @@ def reference_rate(cfg: Config, device, images, labels, steps: int, warmup: int)
     return rate(len(labels) * steps, time.perf_counter() - started)
 
 
-def train_rate(model, cfg: Config, rt: devices.Runtime, images, labels, steps: int, warmup: int) -> float:
+def train_rate(model, cfg: Config, runtime: devices.Runtime, images, labels, steps: int, warmup: int) -> float:
     """mbv2's training epoch over in-memory batches: an untimed warm-up epoch, then the timed one."""
     optimizer = optim.build_optimizer(model, cfg.optim, len(labels))
-    scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
     settings = TrainSettings(seed=0, label_smoothing=cfg.train.label_smoothing, log_every_steps=10**9)
     for epoch, count in ((0, warmup), (1, steps)):
         metrics, _ = train_one_epoch(model, InMemoryLoader(images, labels, count), optimizer, ConstantLR(),
-                                            scaler, rt, settings, epoch=epoch, global_step=0, steps_per_epoch=count,
-                                            epoch_progress=EpochProgress.from_state(None, rt.device))
+                                            scaler, runtime, settings, epoch=epoch, global_step=0,
+                                            steps_per_epoch=count,
+                                            epoch_progress=EpochProgress.from_state(None, runtime.device))
     return metrics["img_per_s"]
 
 
 @torch.inference_mode()
-def inference_rate(model, rt: devices.Runtime, images, labels, steps: int, warmup: int) -> float:
+def inference_rate(model, runtime: devices.Runtime, images, labels, steps: int, warmup: int) -> float:
     model.eval()
-    x, _ = rt.prepare(images, labels)
+    x, _ = runtime.prepare(images, labels)
     for i in range(warmup + steps):
         if i == warmup:
-            synchronize(rt.device)
+            synchronize(runtime.device)
             started = time.perf_counter()
-        with rt.autocast():
+        with runtime.autocast():
             model(x)
-    synchronize(rt.device)
+    synchronize(runtime.device)
     model.train()
     return rate(len(labels) * steps, time.perf_counter() - started)
 
@@ -175,16 +176,16 @@ def _measure(cfg: Config, device: torch.device, batch_size: int, steps: int, war
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         channels_last = memory_format == "channels_last"
-        rt = devices.Runtime.create(device, PRECISIONS[precision], channels_last, cfg.data.mean, cfg.data.std)
+        runtime = devices.Runtime.create(device, PRECISIONS[precision], channels_last, cfg.data.mean, cfg.data.std)
         model = _fresh_model(cfg, device, channels_last)
         step_model = torch.compile(model) if compiled else model
         try:  # partial binds this setting's model now; a lambda would read names the loop rebinds and deletes
             row["train_img_per_s"] = _guard_memory(
-                functools.partial(train_rate, step_model, cfg, rt, images, labels, steps, warmup), batch_size)
+                functools.partial(train_rate, step_model, cfg, runtime, images, labels, steps, warmup), batch_size)
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             row["infer_img_per_s"] = _guard_memory(
-                functools.partial(inference_rate, step_model, rt, images, labels, steps, warmup), batch_size)
+                functools.partial(inference_rate, step_model, runtime, images, labels, steps, warmup), batch_size)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - torch.compile needs a compiler toolchain; report, go on

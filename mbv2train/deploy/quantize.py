@@ -135,7 +135,7 @@ def _scores(req: EvalRequest, val_dir: Path) -> dict[str, Any]:
     """top-1 / top-5 as mbv2 eval computes them, for the model in ``req.ckpt``."""
     loaded = load_model(req)
     loader, _ = data.build_val_loader(loaded.cfg.data, val_dir)
-    metrics = loop.evaluate(loaded.model, loader, loaded.rt)
+    metrics = loop.evaluate(loaded.model, loader, loaded.runtime)
     return {k: metrics[k] for k in ("top1", "top5", "images")}
 
 

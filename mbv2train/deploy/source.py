@@ -87,10 +87,10 @@ def prepared_batches(data_cfg, folder: Path, limit: int, shuffle_seed: Optional[
     """The first ``limit`` images of ``folder`` (in ``shuffle_seed``'s random order when given) through the
     evaluation transform and normalization, as contiguous float32 batches."""
     loader, _ = data.build_val_loader(data_cfg, folder, shuffle_seed=shuffle_seed)
-    rt = devices.Runtime.create(torch.device("cpu"), None, False, data_cfg.mean, data_cfg.std)
+    runtime = devices.Runtime.create(torch.device("cpu"), None, False, data_cfg.mean, data_cfg.std)
     batches, count = [], 0
     for images, labels, _ in loader:
-        batch = rt.prepare(images, labels)[0].contiguous()[:limit - count]
+        batch = runtime.prepare(images, labels)[0].contiguous()[:limit - count]
         batches.append(batch)
         count += len(batch)
         if count >= limit:

@@ -62,7 +62,7 @@ class LoadedModel:
     classes: Optional[list[str]]
     ema: bool
     device: torch.device
-    rt: devices.Runtime
+    runtime: devices.Runtime
     trained_hflip: Optional[float] = None  # the flip probability it was trained with; None: unknown
     preprocessing_from: str = SAVED_CONFIG
 
@@ -90,7 +90,7 @@ def run_eval(req: EvalRequest) -> dict[str, Any]:
                         f"{plural(cfg.model.num_classes, 'class')}")
 
     tta_flip = req.tta == "flip"
-    metrics = loop.evaluate(loaded.model, loader, loaded.rt, per_class=per_class, tta_flip=tta_flip)
+    metrics = loop.evaluate(loaded.model, loader, loaded.runtime, per_class=per_class, tta_flip=tta_flip)
     result = {**metrics, "ema": loaded.ema, "val_dir": str(val_dir), "tta": req.tta,
               "preprocessing": preprocessing_of(loaded)}
     if per_class:
@@ -151,7 +151,7 @@ def _sweep_row(loaded: LoadedModel, val_dir: Path, size: int, at_config: dict[st
     else:
         cfg = dataclasses.replace(loaded.cfg.data, val_resize=resize, val_crop=crop)
         loader, _ = data.build_val_loader(cfg, val_dir, device_type=loaded.device.type)
-        metrics = loop.evaluate(loaded.model, loader, loaded.rt, tta_flip=tta_flip)
+        metrics = loop.evaluate(loaded.model, loader, loaded.runtime, tta_flip=tta_flip)
     return {**row, **{k: metrics[k] for k in ("top1", "top5", "loss", "images")}}
 
 
@@ -196,9 +196,9 @@ def load_model(req: EvalRequest, classes_needed: Optional[str] = None) -> Loaded
     model = model.to(device).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    rt = devices.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
+    runtime = devices.Runtime.create(device, resolve_amp(cfg.train.amp, device), cfg.train.channels_last,
                                cfg.data.mean, cfg.data.std)
-    return LoadedModel(cfg, model, classes, used_ema, device, rt, trained_hflip, preprocessing_from)
+    return LoadedModel(cfg, model, classes, used_ema, device, runtime, trained_hflip, preprocessing_from)
 
 
 def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
@@ -218,8 +218,8 @@ def _from_int8_file(state, req: EvalRequest) -> LoadedModel:
     device = torch.device("cpu")
     cpu_threads.use(cfg.train.threads, cfg.data.workers_asked, say=cpu_threads.to_stderr)
     model = int8file.FrozenProgram(int8file.load_program(state, req.ckpt), len(state["class_names"]))
-    rt = devices.Runtime.create(device, None, False, cfg.data.mean, cfg.data.std)
-    return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, rt, saved.data.hflip,
+    runtime = devices.Runtime.create(device, None, False, cfg.data.mean, cfg.data.std)
+    return LoadedModel(cfg, model, list(state["class_names"]), bool(state["ema"]), device, runtime, saved.data.hflip,
                        _requested_source(SAVED_CONFIG, req))
 
 

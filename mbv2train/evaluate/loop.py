@@ -14,13 +14,13 @@ from mbv2train.distributed import all_reduce_sum, current_rank, current_world_si
 from mbv2train.progress import Progress
 
 
-def eval_logits(model: nn.Module, images: torch.Tensor, rt: Runtime, tta_flip: bool = False) -> torch.Tensor:
+def eval_logits(model: nn.Module, images: torch.Tensor, runtime: Runtime, tta_flip: bool = False) -> torch.Tensor:
     """Float32 logits of a prepared batch (Runtime.prepare) for a model in eval mode; with ``tta_flip``
     the mean of the logits of each image and of its mirror image (flipped left to right).
 
     evaluate and predict both go through here, so `mbv2 predict` computes exactly what `mbv2 eval` counts.
     """
-    with rt.autocast():
+    with runtime.autocast():
         logits = model(images).float()
         if tta_flip:
             logits = (logits + model(images.flip(-1)).float()) / 2
@@ -36,7 +36,7 @@ def _num_outputs(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = None, bad_images=None,
+def evaluate(model: nn.Module, loader, runtime: Runtime, progress: Progress | None = None, bad_images=None,
              should_stop: Callable[[], bool] | None = None, stop_check_batches: Optional[int] = None,
              after_batch: Callable[[int], None] | None = None, per_class: bool = False,
              tta_flip: bool = False) -> Optional[dict[str, Any]]:
@@ -53,25 +53,25 @@ def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = 
     model.eval()
     if progress is not None and current_world_size() > 1:
         progress.label = f"rank {current_rank()}"  # its running top-1: all processes' only at the end
-    sums = torch.zeros(4, device=rt.device, dtype=torch.float64)  # loss, top1, top5, images
+    sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)  # loss, top1, top5, images
     confusion, classes = None, 0
     if per_class:
         # Sized from the model, not from the first batch: a process whose shard is empty must still join
         # the reduction with a tensor of the same shape.
         classes = _num_outputs(model)
-        confusion = torch.zeros(classes * classes, device=rt.device, dtype=torch.int64)
+        confusion = torch.zeros(classes * classes, device=runtime.device, dtype=torch.int64)
     substituted = 0
     for batch, (images, labels, bad) in enumerate(loader, 1):
         if bad_images is not None and any(bad):
             bad_images.record(bad)
             substituted += sum(1 for path in bad if path)
-        images, labels = rt.prepare(images, labels)
-        logits = eval_logits(model, images, rt, tta_flip)
+        images, labels = runtime.prepare(images, labels)
+        logits = eval_logits(model, images, runtime, tta_flip)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
                              hits[:, 0].sum().double(), hits.any(1).sum().double(),
-                             torch.tensor(len(labels), device=rt.device, dtype=torch.float64)])
+                             torch.tensor(len(labels), device=runtime.device, dtype=torch.float64)])
         if confusion is not None:
             confusion += torch.bincount(labels * classes + top[:, 0], minlength=classes * classes)
         if progress is not None:
@@ -82,7 +82,7 @@ def evaluate(model: nn.Module, loader, rt: Runtime, progress: Progress | None = 
             return None
     if bad_images is not None:
         bad_images.share()
-    sums = torch.cat([sums, torch.tensor([float(substituted)], device=rt.device, dtype=torch.float64)])
+    sums = torch.cat([sums, torch.tensor([float(substituted)], device=runtime.device, dtype=torch.float64)])
     loss, top1, top5, images, substituted = all_reduce_sum(sums).tolist()
     n = max(images, 1)
     metrics = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": int(images)}

@@ -178,8 +178,8 @@ def predict(req: PredictRequest, on_prediction: Callable[[Prediction], None],
             # the dataset's reasons, one per image; then the files the device decoder could not read
             failed = {start + k: reason for k, reason in enumerate(why[:count]) if reason}
             failed.update({position_of[path]: _reason(path) for path in why[count:]})
-            images, _ = loaded.rt.prepare(images, indices)
-            logits = loop.eval_logits(loaded.model, images, loaded.rt)
+            images, _ = loaded.runtime.prepare(images, indices)
+            logits = loop.eval_logits(loaded.model, images, loaded.runtime)
             # ranked by the logits, as evaluate ranks them: probabilities can round two close logits equal
             top = logits.topk(topk, dim=1).indices
             probs = logits.softmax(1).gather(1, top)

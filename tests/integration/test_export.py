@@ -48,7 +48,7 @@ def eval_logits_of(ckpt, val_dir):
     logits = []
     with torch.inference_mode():
         for images, labels, _ in loader:
-            logits.append(loop.eval_logits(loaded.model, loaded.rt.prepare(images, labels)[0], loaded.rt))
+            logits.append(loop.eval_logits(loaded.model, loaded.runtime.prepare(images, labels)[0], loaded.runtime))
     return [path for path, _ in loader.dataset.samples], torch.cat(logits)
 
 
@@ -98,7 +98,7 @@ def test_the_onnx_file_gives_evals_logits_on_every_val_digit(trained_digits, onn
     loader, _ = data.build_val_loader(loaded.cfg.data, root / "val")
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = torch.cat([torch.from_numpy(session.run(["logits"], {
-        "images": loaded.rt.prepare(images, labels)[0].contiguous().numpy()})[0]) for images, labels, _ in loader])
+        "images": loaded.runtime.prepare(images, labels)[0].contiguous().numpy()})[0]) for images, labels, _ in loader])
     assert len(got) == 360
     assert (got - expected).abs().max().item() <= 1e-4
     assert torch.equal(got.argmax(1), expected.argmax(1))
@@ -120,7 +120,7 @@ def test_the_torchvision_state_dict_loads_strictly_into_torchvisions_own_model_w
     loaded = load_model(EvalRequest(ckpt=ckpt, device="cpu"))
     loader, _ = data.build_val_loader(loaded.cfg.data, root / "val")
     images, labels, _ = next(iter(loader))
-    batch = loaded.rt.prepare(images, labels)[0].contiguous()
+    batch = loaded.runtime.prepare(images, labels)[0].contiguous()
     with torch.inference_mode():
         assert torch.equal(model(batch), loaded.model.to(memory_format=torch.contiguous_format)(batch))
 

@@ -59,7 +59,7 @@ class SyncCounter:
     Here the CPU plays the device, so the host is told apart by how a tensor came to be: a torch factory
     given no device or the string "cpu", ``.cpu()`` and ``.to("cpu")`` make host tensors (a copy, as from
     a GPU), ``.to(device)`` of a host tensor makes a device one. A device named by a ``torch.device`` (as
-    the code names the training device: ``tensor.device``, ``rt.device``) is taken to be the device, so
+    the code names the training device: ``tensor.device``, ``runtime.device``) is taken to be the device, so
     ``.to(torch.device("cpu"))`` goes unseen, as do copies by ``torch._foreach_copy_``.
     """
 

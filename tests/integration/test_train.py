@@ -99,8 +99,8 @@ def evaluate_weights(state: dict, weights: dict) -> dict:
     model = build_model(cfg.model)
     model.load_state_dict(weights)
     loader, _ = data.build_val_loader(cfg.data, Path(cfg.data.root) / cfg.data.val_split)
-    rt = devices.Runtime.create(torch.device("cpu"), None, False, cfg.data.mean, cfg.data.std)
-    return loop.evaluate(model, loader, rt)
+    runtime = devices.Runtime.create(torch.device("cpu"), None, False, cfg.data.mean, cfg.data.std)
+    return loop.evaluate(model, loader, runtime)
 
 
 def test_ema_metrics_are_the_ema_weights_metrics(tiny_config, tmp_path):

@@ -48,8 +48,8 @@ def eval_way_predictions(ckpt, val_dir, ema=None) -> dict[str, int]:
     top1 = []
     with torch.inference_mode():
         for images, labels, _ in loader:
-            images, labels = loaded.rt.prepare(images, labels)
-            top1 += loop.eval_logits(loaded.model, images, loaded.rt).topk(1, dim=1).indices[:, 0].tolist()
+            images, labels = loaded.runtime.prepare(images, labels)
+            top1 += loop.eval_logits(loaded.model, images, loaded.runtime).topk(1, dim=1).indices[:, 0].tolist()
     return {path: index for (path, _), index in zip(loader.dataset.samples, top1)}
 
 
