@@ -44,10 +44,14 @@ def open_run_dir(run_dir: Path, cfg: Config, epoch: int, global_step: int, fresh
     if allowed:
         append_event(metrics, {"event": "allowed_change", "epoch": epoch, "step": global_step, "changes": allowed})
     tracker = Tracker(run_dir, purge_step=0 if fresh else global_step + 1)
-    if fresh:
-        tracker.hparams(cfg.to_dict())
-        if cfg.train.tb_images:
-            tracker.images(augmented_samples(train_loader, cfg.train.tb_images))
+    try:
+        if fresh:
+            tracker.hparams(cfg.to_dict())
+            if cfg.train.tb_images:  # reads images: an unreadable one stops the run here
+                tracker.images(augmented_samples(train_loader, cfg.train.tb_images))
+    except BaseException:
+        tracker.close()  # its writer thread must stop before a failed start takes the run directory back
+        raise
     return tracker
 
 
