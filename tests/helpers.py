@@ -4,6 +4,7 @@ the torchrun command line, reading checkpoints and metrics.jsonl, and waiting on
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -26,6 +27,31 @@ TINY_RUN = [
 
 # 2 images per step, 12 steps per epoch on image_root: room to stop mid-epoch.
 SMALL_STEPS = ["data.batch_size=2", "train.ema=true", "train.epochs=2"]
+
+# The CPUs this process may use: the thread count the suite computed with before it ran on xdist workers of
+# one thread each (conftest.py).
+MACHINE_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Compute with ``count`` torch threads inside the block (OMP_NUM_THREADS too, which mbv2 then keeps).
+    For the few fixtures whose figures a test holds to a threshold measured with the machine's own count:
+    the floats of a trained model depend on the thread count, and a threshold such as int8's drop of at most
+    a point was measured on that model, not on a one-thread one."""
+    import torch
+
+    before, before_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if before_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before_env
 
 
 # ------------------------------------------------------------------------------------------ datasets

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import load_ckpt
+from helpers import MACHINE_THREADS, load_ckpt, torch_threads
 
 # one worker builds the session's trained_digits model for this file and test_export
 pytestmark = pytest.mark.xdist_group("trained_digits")
@@ -25,8 +25,9 @@ def quantized(trained_digits, tmp_path_factory):
 
     root, ckpt = trained_digits
     out = tmp_path_factory.mktemp("int8") / "digits.int8.pt"
-    result = CliRunner().invoke(app, ["quantize", "--ckpt", str(ckpt), "--data", str(root), "--output", str(out),
-                                      "--json"])
+    with torch_threads(MACHINE_THREADS):  # as the float model was trained (conftest.trained_digits)
+        result = CliRunner().invoke(app, ["quantize", "--ckpt", str(ckpt), "--data", str(root), "--output",
+                                          str(out), "--json"])
     assert result.exit_code == 0, result.output
     return root, ckpt, out, json.loads(result.stdout)
 
